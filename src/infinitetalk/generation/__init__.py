@@ -1,0 +1,1 @@
+"""Window planning, sampling, guidance, colour correction and the InfiniteTalk pipeline."""

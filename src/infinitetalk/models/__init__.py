@@ -1,0 +1,1 @@
+"""Pure nn.Modules with official parameter names; no file I/O here."""

@@ -1,0 +1,1 @@
+"""Runtime helpers: device memory budget, offloading, multi-GPU."""

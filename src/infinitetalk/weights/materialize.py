@@ -1,0 +1,196 @@
+"""Read weight files lazily and materialise meta-device modules tensor by tensor.
+
+Models are built on the meta device (no memory), then each parameter is read from its file,
+cast and moved to the target device one at a time, so loading a 14B model never holds two
+copies in host RAM. Pickled files are only read through `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, MissingWeightsError
+
+SAFETENSORS_EXT = (".safetensors",)
+PICKLE_EXT = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class LazyStateDict:
+    """A read-only mapping key -> tensor over one or more weight files.
+
+    safetensors files are opened with `safe_open` and read per key; pickled files are loaded
+    with `torch.load(weights_only=True, mmap=True)` (memory-mapped, so untouched tensors cost no
+    RAM). When several files hold the same key, the later file wins (the official merge rule).
+    `origin(key)` names the file a key comes from, for error messages.
+    """
+
+    def __init__(self, files: Iterable[os.PathLike | str], rename: Optional[Callable[[str], Optional[str]]] = None):
+        self.files = [Path(f) for f in files]
+        self._where: dict[str, tuple[int, str]] = {}
+        self._handles: list = []
+        for i, path in enumerate(self.files):
+            handle = _open_one(path)
+            self._handles.append(handle)
+            for raw in _keys_of(handle):
+                key = rename(raw) if rename else raw
+                if key is None:
+                    continue
+                self._where[key] = (i, raw)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def origin(self, key: str) -> str:
+        return str(self.files[self._where[key][0]])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        i, raw = self._where[key]
+        handle = self._handles[i]
+        if isinstance(handle, dict):
+            return tuple(handle[raw].shape)
+        return tuple(handle.get_slice(raw).get_shape())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        i, raw = self._where[key]
+        handle = self._handles[i]
+        try:
+            return handle[raw] if isinstance(handle, dict) else handle.get_tensor(raw)
+        except Exception as exc:  # corrupt data inside a readable header
+            raise CheckpointError(
+                f"Could not read tensor '{raw}' from {self.files[i]}: {exc}. "
+                "The file looks damaged; download it again."
+            ) from exc
+
+    def is_mapped(self, key: str) -> bool:
+        """True when the tensor is a view into a memory-mapped pickled file."""
+        return isinstance(self._handles[self._where[key][0]], dict)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self._where:
+            yield key, self[key]
+
+
+def _open_one(path: Path):
+    if not path.exists():
+        raise MissingWeightsError(f"Weight file not found: {path}.", missing=[str(path)])
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Weight file {path} is empty; download it again.")
+    name = path.name.lower()
+    if name.endswith(SAFETENSORS_EXT):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({exc}); it is damaged or incomplete. "
+                "Download it again."
+            ) from exc
+    if name.endswith(PICKLE_EXT):
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path} could not be loaded as a PyTorch checkpoint with weights_only=True ({exc}). "
+                "It is damaged, incomplete, or holds pickled code, which is refused for safety."
+            ) from exc
+        if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+            data = data["state_dict"]
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} does not hold a state dict (found {type(data).__name__}).")
+        return data
+    raise CheckpointError(
+        f"{path} has an unknown weight format; expected .safetensors or .pth/.pt/.bin."
+    )
+
+
+def _keys_of(handle) -> list[str]:
+    return list(handle.keys())
+
+
+def open_weights(files: Iterable[os.PathLike | str], rename: Optional[Callable[[str], Optional[str]]] = None) -> LazyStateDict:
+    """Open weight files for lazy reading; `rename` maps file keys to module keys (None drops)."""
+    return LazyStateDict(files, rename=rename)
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if is_param:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def materialize(
+    module: nn.Module,
+    source: LazyStateDict,
+    device: torch.device | str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    *,
+    keep_float32: Optional[Callable[[str], bool]] = None,
+    ignore_unexpected: Optional[Callable[[str], bool]] = None,
+    what: str = "model",
+) -> nn.Module:
+    """Fill every parameter and persistent buffer of `module` (built on meta) from `source`.
+
+    Strict: a key the module needs but no file has, or a file key the module does not have
+    (unless `ignore_unexpected(key)`), raises CheckpointError naming the key and the files.
+    Floating tensors are cast to `dtype` (unless `keep_float32(name)`, then float32).
+    """
+    device = torch.device(device)
+    expected = dict(module.state_dict(keep_vars=True))
+    param_names = {n for n, _ in module.named_parameters()}
+    file_list = ", ".join(str(f) for f in source.files)
+
+    missing = [k for k in expected if k not in source]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(
+            f"The {what} weights are incomplete: key {shown} is missing from {file_list}. "
+            "Check that every file of the checkpoint was downloaded (infinitetalk download)."
+        )
+    unexpected = [k for k in source.keys() if k not in expected and not (ignore_unexpected and ignore_unexpected(k))]
+    if unexpected:
+        k = unexpected[0]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"Unexpected key '{k}'{more} in {source.origin(k)}: it does not belong to the {what}. "
+            "The file is for another model or configuration."
+        )
+
+    for name, ref in expected.items():
+        tensor = source[name]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"Key '{name}' in {source.origin(name)} has shape {tuple(tensor.shape)} but the {what} "
+                f"expects {tuple(ref.shape)}: the file is for a different model size or configuration."
+            )
+        target = ref.dtype
+        if tensor.is_floating_point():
+            target = torch.float32 if (keep_float32 and keep_float32(name)) else (dtype or tensor.dtype)
+        else:
+            target = tensor.dtype
+        value = tensor.to(device=device, dtype=target, copy=False)
+        if device.type == "cpu" and source.is_mapped(name) and value.data_ptr() == tensor.data_ptr():
+            value = value.clone()  # never keep a view into a memory-mapped file or a shared buffer
+        _set_tensor(module, name, value, name in param_names)
+        del tensor, value
+
+    leftover = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(
+            f"The {what} still has uninitialised tensors after loading ({', '.join(leftover[:3])}); "
+            "this is a bug in infinitetalk, please report it."
+        )
+    return module.eval()
