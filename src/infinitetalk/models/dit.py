@@ -1,0 +1,528 @@
+"""The InfiniteTalk DiT: the Wan2.1-I2V-14B transformer with the InfiniteTalk audio adapter.
+
+`InfiniteTalkDiT` has the parameter names and shapes of the official checkpoint (the Wan2.1-I2V
+shards plus `infinitetalk.safetensors`), so the official files load strictly. Every size comes
+from `WanDiTConfig`: `WanDiTConfig.infinitetalk_14b()` is the released model (18,882,046,784
+parameters), `WanDiTConfig.tiny()` a small model of the same code for tests.
+
+Numerics follow the official `WanModel` (wan/modules/multitalk_model.py): float32 is the parity
+contract; in bfloat16 the time embedding, modulation, gated residuals, LayerNorms and the output
+head run in float32 as the official autocast regions do, and the output is float32.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from .attention import (
+    AttentionFn,
+    RopeTableFn,
+    apply_rope_3d,
+    reference_attention_map,
+    rope_table_3d,
+    sdpa_attention,
+)
+from .audio_adapter import AudioCrossAttention, AudioProjModel, select_audio_windows, speaker_positions
+
+log = logging.getLogger(__name__)
+
+CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: class token + 16x16 patches
+
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    """Every size of the DiT. Defaults are the official WanModel defaults used by InfiniteTalk.
+
+    Audio adapter: proj1 reads audio_window * audio_layers * audio_channels values (one video
+    frame's window), proj1_vf reads (audio_window + vae_scale - 1) * audio_layers * audio_channels
+    (the positions picked for the later latent frames; 8 * 12 * 768 for the release). audio_layers
+    and audio_channels are the wav2vec2 layer count and width; clip_dim the CLIP feature width
+    (img_emb input). These three are fixed in the official code and configurable here so a tiny
+    model can pair with a tiny wav2vec2 and a tiny CLIP.
+    """
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_dim: int = 36
+    out_dim: int = 16
+    num_heads: int = 40
+    num_layers: int = 40
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    audio_window: int = 5
+    intermediate_dim: int = 512
+    context_tokens: int = 32
+    output_dim: int = 768
+    vae_scale: int = 4
+    norm_input_visual: bool = True
+    norm_output_audio: bool = True
+    audio_layers: int = 12
+    audio_channels: int = 768
+    clip_dim: int = 1280
+
+    def __post_init__(self):
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even width")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def infinitetalk_14b(cls) -> "WanDiTConfig":
+        """The released InfiniteTalk model (Wan2.1-I2V-14B + audio adapter)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "WanDiTConfig":
+        """A small model of the same architecture for tests and `--model tiny`.
+
+        dim 128, 4 heads (head_dim 32, RoPE parts 6/5/5), 2 layers, ffn 256, text_dim 64 /
+        text_len 16 (the tiny umT5 has width 64), audio_layers 2 x audio_channels 32 (the tiny
+        wav2vec2: 2 layers of width 32), clip_dim 64, context_tokens 4 audio tokens of width 64
+        per speaker and latent frame. Any field can be overridden.
+        """
+        base = dict(
+            dim=128, ffn_dim=256, freq_dim=256, text_dim=64, text_len=16, num_heads=4, num_layers=2,
+            intermediate_dim=16, context_tokens=4, output_dim=64, audio_layers=2, audio_channels=32,
+            clip_dim=64,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_official_json(cls, source: str | os.PathLike | Mapping[str, Any]) -> "WanDiTConfig":
+        """Read a Wan config.json (path or dict). Keys starting with '_' and `model_type` are not
+        sizes; absent keys (e.g. the audio-adapter sizes in the official file) keep their defaults.
+        Unknown keys are logged and ignored. Raises ValueError for a non-i2v model or an
+        unsupported attention window.
+        """
+        if isinstance(source, Mapping):
+            data = dict(source)
+        else:
+            with open(source, encoding="utf-8") as fh:
+                data = json.load(fh)
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key.startswith("_") or key in ("weight_init",):
+                continue
+            if key == "model_type":
+                if value != "i2v":
+                    raise ValueError(f"model_type is {value!r}; InfiniteTalk needs the i2v model")
+                continue
+            if key == "window_size":
+                if tuple(value) != (-1, -1):
+                    raise ValueError(f"window_size {value} is not supported (only full attention)")
+                continue
+            if key not in known:
+                log.warning("config key %r is not a WanDiTConfig field; ignored", key)
+                continue
+            kwargs[key] = tuple(value) if key == "patch_size" else value
+        return cls(**kwargs)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A config.json dict in the official layout plus this config's extra fields."""
+        out: dict[str, Any] = {"_class_name": "WanModel", "model_type": "i2v"}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> "WanDiTConfig":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# small building blocks
+
+
+class WanRMSNorm(nn.Module):
+    """RMS norm over the last dimension with a weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, returned in the input dtype (affine optional)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def _linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear evaluated in float32 whatever the weight dtype (the official autocast regions)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[len(t), dim] float64 embedding: cos of t x 10000^(-i/half) then sin (cosines first)."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    angles = torch.outer(pos, torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# attention modules
+
+
+class WanSelfAttention(nn.Module):
+    """Self-attention with q/k RMS norm and 3-D RoPE; optionally returns the reference map."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope_table: torch.Tensor,
+        attention: AttentionFn,
+        ref_masks: torch.Tensor | None = None,
+        tokens_per_frame: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, L, dim] -> (out [B, L, dim], reference map [B, 3, L] when ref_masks is given)."""
+        b, length, _ = x.shape
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, length, n, d)
+        k = self.norm_k(self.k(x)).view(b, length, n, d)
+        v = self.v(x).view(b, length, n, d)
+        q = apply_rope_3d(q, rope_table)
+        k = apply_rope_3d(k, rope_table)
+        out = self.o(attention(q, k, v).type_as(x).flatten(2))
+        ref_map = None
+        if ref_masks is not None:
+            with torch.no_grad():
+                ref_map = reference_attention_map(q.type_as(x), k.type_as(x), tokens_per_frame, ref_masks)
+        return out, ref_map
+
+
+class WanI2VCrossAttention(nn.Module):
+    """Cross-attention to the CLIP image tokens and the text tokens (separate softmaxes, summed)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """x [B, L, dim], context [B, 257 + text_len, dim] (image tokens first)."""
+        b = x.shape[0]
+        n, d = self.num_heads, self.head_dim
+        img, text = context[:, :CLIP_TOKENS], context[:, CLIP_TOKENS:]
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
+        k = self.norm_k(self.k(text)).view(b, -1, n, d)
+        v = self.v(text).view(b, -1, n, d)
+        k_img = self.norm_k_img(self.k_img(img)).view(b, -1, n, d)
+        v_img = self.v_img(img).view(b, -1, n, d)
+        img_out = attention(q, k_img, v_img).type_as(x).flatten(2)
+        text_out = attention(q, k, v).type_as(x).flatten(2)
+        return self.o(text_out + img_out)
+
+
+# --------------------------------------------------------------------------------------------
+# transformer block, head, image projection
+
+
+class WanAttentionBlock(nn.Module):
+    """Self-attn (modulated, gated) -> text/image cross-attn -> audio cross-attn -> FFN (gated)."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = WanLayerNorm(dim, cfg.eps)
+        self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanI2VCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = WanLayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.audio_cross_attn = AudioCrossAttention(dim, cfg.output_dim, cfg.num_heads)
+        self.norm_x = WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.norm_input_visual else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        rope_table: torch.Tensor,
+        context: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        grid: tuple[int, int, int],
+        attention: AttentionFn,
+        ref_masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, L, dim]; e0 [B or 1, 6, dim] float32; ref_masks [B or 1, 3, h*w] only for two speakers."""
+        dtype = x.dtype
+        mod = (self.modulation.float() + e0).chunk(6, dim=1)
+        frames, rows, cols = grid
+
+        h = (self.norm1(x).float() * (1 + mod[1]) + mod[0]).to(dtype)
+        y, ref_map = self.self_attn(h, rope_table, attention, ref_masks, rows * cols)
+        x = (x.float() + y.float() * mod[2]).to(dtype)
+
+        x = x + self.cross_attn(self.norm3(x), context, attention)
+
+        positions = speaker_positions(ref_map) if ref_map is not None else None
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, frames, attention, positions)
+
+        y = self.ffn((self.norm2(x).float() * (1 + mod[4]) + mod[3]).to(dtype))
+        return (x.float() + y.float() * mod[5]).to(dtype)
+
+
+class Head(nn.Module):
+    """Output head: modulated LayerNorm then Linear(dim, prod(patch) * out_dim), in float32."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size: Sequence[int], eps: float = 1e-6):
+        super().__init__()
+        self.norm = WanLayerNorm(dim, eps)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        mod = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        h = self.norm(x).float() * (1 + mod[1]) + mod[0]
+        return _linear_f32(self.head, h)
+
+
+class MLPProj(nn.Module):
+    """CLIP features -> image context tokens: LayerNorm, Linear, GELU, Linear, LayerNorm."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim)
+        )
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        return self.proj(clip_fea)
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class InfiniteTalkDiT(nn.Module):
+    """Wan2.1-I2V DiT with the InfiniteTalk audio adapter (official parameter names).
+
+    `attention` (q, k, v [B, L, H, D] -> out) and `rope_table` ((f, h, w), head_dim, device ->
+    complex table) are explicit options so faster kernels can be chosen without patching.
+    """
+
+    def __init__(
+        self,
+        config: WanDiTConfig,
+        *,
+        attention: AttentionFn = sdpa_attention,
+        rope_table: RopeTableFn = rope_table_3d,
+    ):
+        super().__init__()
+        cfg = config
+        self.config = cfg
+        self.attention = attention
+        self.rope_table = rope_table
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
+        self.img_emb = MLPProj(cfg.clip_dim, dim)
+        self.audio_proj = AudioProjModel(
+            audio_window=cfg.audio_window,
+            vae_scale=cfg.vae_scale,
+            audio_layers=cfg.audio_layers,
+            audio_channels=cfg.audio_channels,
+            intermediate_dim=cfg.intermediate_dim,
+            output_dim=cfg.output_dim,
+            context_tokens=cfg.context_tokens,
+            norm_output_audio=cfg.norm_output_audio,
+        )
+
+    # ---- input preparation -----------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def _time_embedding(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] -> e [B, dim] and e0 [B, 6, dim], both float32."""
+        sin = sinusoidal_embedding(self.config.freq_dim, t.to(self.device)).float()
+        l1, l2 = self.time_embedding[0], self.time_embedding[2]
+        e = _linear_f32(l2, F.silu(_linear_f32(l1, sin)))
+        e0 = _linear_f32(self.time_projection[1], F.silu(e))
+        return e, e0.unflatten(1, (6, self.config.dim))
+
+    def _text_context(self, context: torch.Tensor | Sequence[torch.Tensor], batch: int) -> torch.Tensor:
+        """Zero-pad each prompt embedding to text_len rows, then embed: [B, text_len, dim]."""
+        cfg = self.config
+        items = list(context.unbind(0)) if isinstance(context, torch.Tensor) else list(context)
+        if len(items) != batch:
+            raise InputError(f"context holds {len(items)} prompt embeddings but the batch has {batch} samples.")
+        padded = []
+        for u in items:
+            if u.dim() != 2 or u.shape[1] != cfg.text_dim:
+                raise InputError(f"Each prompt embedding must be [length, {cfg.text_dim}]; got {tuple(u.shape)}.")
+            if u.shape[0] > cfg.text_len:
+                raise InputError(
+                    f"A prompt embedding has {u.shape[0]} tokens but the model takes at most {cfg.text_len}."
+                )
+            u = u.to(device=self.device, dtype=self.dtype)
+            padded.append(torch.cat([u, u.new_zeros(cfg.text_len - u.shape[0], u.shape[1])]))
+        return self.text_embedding(torch.stack(padded))
+
+    def _audio_tokens(self, audio: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, int]:
+        """audio [B, N, 1 + vae_scale (T-1), window, layers, channels] -> ([B, T, N*tokens, width], N)."""
+        cfg = self.config
+        want = (cfg.audio_window, cfg.audio_layers, cfg.audio_channels)
+        video_frames = 1 + cfg.vae_scale * (frames - 1)
+        if audio.dim() != 6 or tuple(audio.shape[3:]) != want or audio.shape[2] != video_frames or audio.shape[0] != batch:
+            raise InputError(
+                f"audio must be [{batch}, speakers, {video_frames}, {want[0]}, {want[1]}, {want[2]}] for "
+                f"{frames} latent frames; got {tuple(audio.shape)}."
+            )
+        speakers = audio.shape[1]
+        if speakers not in (1, 2):
+            raise InputError(f"InfiniteTalk takes one or two speakers; audio has {speakers}.")
+        audio = audio.to(device=self.device, dtype=self.dtype).flatten(0, 1)
+        first, later = select_audio_windows(audio, cfg.audio_window, cfg.vae_scale)
+        tokens = self.audio_proj(first, later)  # [B*N, T, ctx, width]
+        tokens = tokens.unflatten(0, (batch, speakers)).transpose(1, 2).flatten(2, 3)
+        return tokens.to(self.dtype), speakers
+
+    def _token_masks(self, masks: torch.Tensor, batch: int, rows: int, cols: int) -> torch.Tensor:
+        """[3, H, W] or [B, 3, H, W] region masks -> token-level 0/1 masks [B or 1, 3, rows*cols]."""
+        if masks.dim() == 3:
+            masks = masks.unsqueeze(0)
+        if masks.dim() != 4 or masks.shape[0] not in (1, batch):
+            raise InputError(f"ref_target_masks must be [3, H, W] or [{batch}, 3, H, W]; got {tuple(masks.shape)}.")
+        small = F.interpolate(masks.to(device=self.device, dtype=torch.float32), size=(rows, cols), mode="nearest")
+        return (small > 0).flatten(2).to(self.dtype)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | Sequence[torch.Tensor],
+        clip_fea: torch.Tensor,
+        y: torch.Tensor,
+        audio: torch.Tensor,
+        ref_target_masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow for a batch of latent windows; returns float32 [B, out_dim, T, H, W].
+
+        x [B, 16, T, H, W] noisy latents; t [B] or [1] timesteps; context: B prompt embeddings
+        [L_i, text_dim] (list) or [B, L, text_dim]; clip_fea [B or 1, 257, clip_dim]; y
+        [B, in_dim - 16, T, H, W] mask + image-latent conditioning; audio
+        [B, N, 1 + 4(T-1), audio_window, audio_layers, audio_channels] with N = 1 or 2 speakers;
+        ref_target_masks [3, H, W] (or [B, 3, H, W]) person-1 / person-2 / background masks,
+        needed only when N == 2 (it is ignored for one speaker).
+        """
+        cfg = self.config
+        if x.dim() != 5 or y.dim() != 5 or x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
+            raise InputError(f"x and y must be [B, C, T, H, W] with equal B, T, H, W; got {tuple(x.shape)} and {tuple(y.shape)}.")
+        if x.shape[1] + y.shape[1] != cfg.in_dim:
+            raise InputError(f"x and y together must have {cfg.in_dim} channels; got {x.shape[1]} + {y.shape[1]}.")
+        batch, _, frames, height, width = x.shape
+        pt, ph, pw = cfg.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise InputError(f"Latent size {frames}x{height}x{width} is not divisible by the patch size {cfg.patch_size}.")
+        grid = (frames // pt, height // ph, width // pw)
+
+        # embeddings
+        inp = torch.cat([x, y], dim=1).to(device=self.device, dtype=self.dtype)
+        tokens = self.patch_embedding(inp).flatten(2).transpose(1, 2)  # [B, L, dim]
+
+        t = torch.as_tensor(t, device=self.device).reshape(-1)
+        if t.numel() not in (1, batch):
+            raise InputError(f"t must hold 1 or {batch} timesteps; got {t.numel()}.")
+        e, e0 = self._time_embedding(t)
+
+        if clip_fea.dim() != 3 or clip_fea.shape[1:] != (CLIP_TOKENS, cfg.clip_dim) or clip_fea.shape[0] not in (1, batch):
+            raise InputError(f"clip_fea must be [{batch}, {CLIP_TOKENS}, {cfg.clip_dim}]; got {tuple(clip_fea.shape)}.")
+        img = self.img_emb(clip_fea.to(device=self.device, dtype=self.dtype)).expand(batch, -1, -1)
+        context_tokens = torch.cat([img, self._text_context(context, batch)], dim=1).to(self.dtype)
+
+        audio_tokens, speakers = self._audio_tokens(audio, batch, grid[0])
+
+        # the two-speaker routing map is needed (and computed) only with two speakers
+        ref_masks = None
+        if speakers == 2:
+            if ref_target_masks is None:
+                raise InputError("Two speakers need ref_target_masks [3, H, W] (person 1, person 2, background).")
+            ref_masks = self._token_masks(ref_target_masks, batch, grid[1], grid[2])
+
+        rope = self.rope_table(grid, cfg.head_dim, self.device)
+        for block in self.blocks:
+            tokens = block(tokens, e0, rope, context_tokens, audio_tokens, grid, self.attention, ref_masks)
+
+        out = self.head(tokens, e)  # [B, L, prod(patch) * out_dim], float32
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, f*h*w, prod(patch)*C] -> [B, C, f*pt, h*ph, w*pw] (channel fastest inside a token)."""
+        c = self.config.out_dim
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        u = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, c)
+        u = torch.einsum("bfhwpqrc->bcfphqwr", u)
+        return u.reshape(tokens.shape[0], c, f * pt, h * ph, w * pw).float()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())

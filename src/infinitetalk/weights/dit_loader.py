@@ -1,0 +1,161 @@
+"""Load the InfiniteTalk DiT from the official files.
+
+The release ships the DiT in two parts: a Wan2.1-I2V-14B directory (`config.json` plus
+`diffusion_pytorch_model*.safetensors`, sharded through `diffusion_pytorch_model.safetensors.index.json`)
+and the InfiniteTalk audio adapter (`single/infinitetalk.safetensors` or
+`multi/infinitetalk.safetensors`, keys `audio_proj.*`, `blocks.N.audio_cross_attn.*`,
+`blocks.N.norm_x.*`). As the official pipeline does, every file is merged into one key space
+(a later file wins) and loaded strictly; here the model is built on the meta device and filled
+tensor by tensor, so a 14B model never exists twice in host memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import CheckpointError, MissingWeightsError
+from ..models.dit import InfiniteTalkDiT, WanDiTConfig
+from .materialize import PICKLE_EXT, SAFETENSORS_EXT, materialize, open_weights
+
+log = logging.getLogger(__name__)
+
+DIT_PREFIX = "diffusion_pytorch_model"
+ADAPTER_NAME = "infinitetalk.safetensors"
+ADAPTER_KEY_PREFIXES = ("audio_proj.",)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"The {what} {path} cannot be read as JSON ({exc}); download it again.") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"The {what} {path} does not hold a JSON object; download it again.")
+    return data
+
+
+def find_dit_files(directory: str | os.PathLike) -> list[Path]:
+    """The weight files of a Wan DiT directory, in load order.
+
+    Uses `*.index.json` when present (every shard it names must exist), else a single
+    `diffusion_pytorch_model.safetensors`, else the `diffusion_pytorch_model*.safetensors` files
+    sorted by name. Raises MissingWeightsError naming what is absent.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise MissingWeightsError(f"DiT checkpoint directory not found: {root}.", missing=[str(root)])
+    indexes = sorted(root.glob(f"{DIT_PREFIX}*.index.json")) or sorted(root.glob("*.safetensors.index.json"))
+    if indexes:
+        if len(indexes) > 1:
+            log.warning("several shard indexes in %s; using %s", root, indexes[0].name)
+        index_path = indexes[0]
+        index = _read_json(index_path, "shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"The shard index {index_path} has no 'weight_map'; download it again.")
+        shards = sorted(set(weight_map.values()))
+        files = [root / name for name in shards]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise MissingWeightsError(
+                f"The shard index {index_path.name} lists {', '.join(Path(m).name for m in missing)}, "
+                f"which is missing from {root}. Download the complete checkpoint (infinitetalk download).",
+                missing=missing,
+            )
+        return files
+    single = root / f"{DIT_PREFIX}.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(root.glob(f"{DIT_PREFIX}*.safetensors"))
+    if found:
+        return found
+    raise MissingWeightsError(
+        f"No DiT weights in {root}: expected {DIT_PREFIX}.safetensors or shards with "
+        f"{DIT_PREFIX}.safetensors.index.json. Download the Wan2.1-I2V-14B checkpoint (infinitetalk download).",
+        missing=[str(single)],
+    )
+
+
+def _adapter_file(adapter: str | os.PathLike) -> Path:
+    path = Path(adapter)
+    if path.is_dir():
+        path = path / ADAPTER_NAME
+    if not path.is_file():
+        raise MissingWeightsError(
+            f"InfiniteTalk adapter file not found: {path}. Download single/{ADAPTER_NAME} or "
+            f"multi/{ADAPTER_NAME} of the InfiniteTalk release (infinitetalk download).",
+            missing=[str(path)],
+        )
+    return path
+
+
+def resolve_dit_files(
+    checkpoint: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    config: WanDiTConfig | None = None,
+) -> tuple[list[Path], WanDiTConfig]:
+    """The ordered weight files and the config for `load_dit` (no tensors are read)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        files = find_dit_files(path)
+        if config is None:
+            cfg_path = path / "config.json"
+            if not cfg_path.is_file():
+                raise MissingWeightsError(
+                    f"config.json is missing from the DiT checkpoint {path}; download it with the weights "
+                    "(infinitetalk download).",
+                    missing=[str(cfg_path)],
+                )
+            try:
+                config = WanDiTConfig.from_official_json(_read_json(cfg_path, "DiT config"))
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"{cfg_path} is not a usable Wan2.1-I2V config: {exc}.") from exc
+    elif path.is_file():
+        if not path.name.lower().endswith(SAFETENSORS_EXT + PICKLE_EXT):
+            raise CheckpointError(f"{path} is not a weight file (.safetensors or .pth) nor a checkpoint directory.")
+        files = [path]
+        if config is None:
+            log.info("no config given for %s; assuming the InfiniteTalk 14B sizes", path)
+            config = WanDiTConfig.infinitetalk_14b()
+    else:
+        raise MissingWeightsError(f"DiT checkpoint not found: {path}.", missing=[str(path)])
+    if adapter is not None:
+        files.append(_adapter_file(adapter))
+    return files, config
+
+
+def load_dit(
+    checkpoint: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: Optional[WanDiTConfig] = None,
+) -> InfiniteTalkDiT:
+    """Build the InfiniteTalk DiT from official files, strictly, straight into device/dtype.
+
+    checkpoint: a Wan2.1-I2V DiT directory (config.json + sharded or single safetensors) or one
+    weight file (then `config`, or the 14B sizes). adapter: the InfiniteTalk
+    `infinitetalk.safetensors` (or its folder), merged over the base keys (later file wins);
+    it may be omitted only when `checkpoint` already contains the adapter keys.
+    Every tensor, including modulation tables, is cast to `dtype` as the official pipeline does.
+    Errors: MissingWeightsError (a file is absent), CheckpointError (unreadable file, missing,
+    unexpected or mis-shaped key; the message names the key and the file).
+    """
+    files, cfg = resolve_dit_files(checkpoint, adapter, config)
+    source = open_weights(files)
+    if adapter is None and not any(k.startswith(ADAPTER_KEY_PREFIXES) for k in source.keys()):
+        raise CheckpointError(
+            f"{checkpoint} holds no InfiniteTalk audio-adapter weights (audio_proj.*): pass "
+            f"adapter=<path to single/{ADAPTER_NAME} or multi/{ADAPTER_NAME}>."
+        )
+    with torch.device("meta"):
+        model = InfiniteTalkDiT(cfg)
+    log.info("loading the DiT from %d file(s) into %s %s", len(files), device, dtype)
+    materialize(model, source, device=device, dtype=dtype, what="InfiniteTalk DiT")
+    return model
