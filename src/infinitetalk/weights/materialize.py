@@ -17,6 +17,9 @@ from ..errors import CheckpointError, MissingWeightsError
 
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".pth", ".pt", ".bin", ".ckpt")
+FLOAT8_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name)
+)
 
 
 class LazyStateDict:
@@ -176,8 +179,15 @@ def materialize(
                 f"Key '{name}' in {source.origin(name)} has shape {tuple(tensor.shape)} but the {what} "
                 f"expects {tuple(ref.shape)}: the file is for a different model size or configuration."
             )
-        target = ref.dtype
-        if tensor.is_floating_point():
+        if ref.dtype in FLOAT8_DTYPES or tensor.dtype in FLOAT8_DTYPES:
+            # fp8 layers keep their storage type; the source must already deliver it
+            if tensor.dtype != ref.dtype:
+                raise CheckpointError(
+                    f"Key '{name}' in {source.origin(name)} is {tensor.dtype} but the {what} expects {ref.dtype}; "
+                    "quantise through infinitetalk.weights.quant.Fp8Source when loading an fp8 model."
+                )
+            target = ref.dtype
+        elif tensor.is_floating_point():
             target = torch.float32 if (keep_float32 and keep_float32(name)) else (dtype or tensor.dtype)
         else:
             target = tensor.dtype
