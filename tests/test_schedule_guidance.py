@@ -105,8 +105,10 @@ def test_generation_config_defaults_and_presets():
     assert cfg.negative_prompt == DEFAULT_NEGATIVE_PROMPT and DEFAULT_NEGATIVE_PROMPT.startswith("bright tones")
     for name in PRESETS:
         GenerationConfig.from_preset(name)
-    lora = GenerationConfig.from_preset("lora-8step", seed=7)
+    lora = GenerationConfig.from_preset("fusionx", seed=7)
     assert lora.sample_steps == 8 and lora.two_pass_guidance and lora.seed == 7
+    fast = GenerationConfig.from_preset("fast")
+    assert (fast.sample_steps, fast.resolved_shift, fast.text_guide_scale, fast.audio_guide_scale) == (4, 2.0, 1.0, 2.0)
     for bad in [dict(size=540), dict(mode="loop"), dict(frame_num=80), dict(motion_frame=81),
                 dict(color_correction_strength=2.0), dict(sample_steps=0), dict(max_frames=0)]:
         with pytest.raises(InputError):
