@@ -8,18 +8,25 @@ can replace one piece through an explicit option of the model, never by patching
   computes it in float64 complex arithmetic as the official code does (a GPU fast path may pass a
   float32 variant with the same signature).
 * `apply_rope_3d(x, table)`: rotates adjacent channel pairs of q or k by the table.
+* `RopeCache` / `rope_table_3d_f32(grid, head_dim, device)`: the fast-path table, real float32
+  [L, 1, head_dim/2, 2] (cos, sin) computed once per shape from float64 angles on the CPU and
+  kept on the device, so no float64 or complex arithmetic runs on the GPU hot path.
+* `PreferredSdpa(backends)`: the SDPA kernel with an explicit backend priority (cuDNN first on
+  Hopper, then flash), through `torch.nn.attention.sdpa_kernel`.
 * `rope_1d(x, positions)`: the 1-D rotary embedding of the two-speaker audio attention (float32,
   fractional positions).
 * `reference_attention_map(q, k, tokens_per_frame, token_masks)`: how much each video token
   attends to each reference-frame region (speaker 1, speaker 2, background); the two-speaker
-  routing uses it.
+  routing uses it. `sdpa_attention_map` computes the same map as one fused attention call
+  (the masks are the values), without materialising the [L, K] probabilities.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """q [B, Lq, H, D], k [B, Lk, H, D], v [B, Lk, H, D] -> [B, Lq, H, D], softmax scale 1/sqrt(D)."""
@@ -27,7 +34,17 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 RopeTableFn = Callable[[tuple[int, int, int], int, torch.device], torch.Tensor]
 """(grid (frames, rows, cols), head_dim, device) -> complex table [frames*rows*cols, 1, head_dim/2]."""
 
+RoutingMapFn = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]
+"""(q, k [B, L, H, D] after RoPE, tokens_per_frame, token masks [B or 1, 3, K]) -> map [B, 3, L]."""
+
 ROPE_THETA = 10000.0
+
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -40,6 +57,33 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     k = k.to(v.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+class PreferredSdpa:
+    """`sdpa_attention` run under an explicit SDPA backend priority (an `AttentionFn`).
+
+    `backends` are names from SDPA_BACKENDS, highest priority first, e.g. ("cudnn", "flash",
+    "efficient", "math"): torch picks the first one that accepts the inputs (dtype, head size,
+    device), so the same option works on Hopper (cuDNN), other GPUs (flash) and the CPU (math).
+    """
+
+    def __init__(self, backends: Sequence[str] = ("cudnn", "flash", "efficient", "math")):
+        unknown = [b for b in backends if b not in SDPA_BACKENDS]
+        if unknown or not backends:
+            raise ValueError(f"unknown SDPA backends {unknown}; choose from {sorted(SDPA_BACKENDS)}")
+        self.names = tuple(backends)
+        self.backends = [SDPA_BACKENDS[b] for b in backends]
+
+    def context(self):
+        """The `sdpa_kernel` context that applies this priority (usable around compiled code)."""
+        return sdpa_kernel(self.backends, set_priority=True)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with self.context():
+            return sdpa_attention(q, k, v)
+
+    def __repr__(self) -> str:
+        return f"PreferredSdpa({self.names})"
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -75,14 +119,57 @@ def rope_table_3d(grid: tuple[int, int, int], head_dim: int, device: torch.devic
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope_3d(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, L, H, D] by a complex table [L, 1, D/2]; returns float32 like the official code.
+def rope_table_3d_f32(grid: tuple[int, int, int], head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fast-path 3-D rotary table: float32 [f*h*w, 1, head_dim/2, 2] holding (cos, sin).
 
-    The arithmetic runs in the table's precision (float64 for the reference table).
+    Angles, cosines and sines are computed in float64 on the CPU (the reference table's
+    values, rounded once to float32), then moved to `device`: the GPU never sees float64.
+    """
+    ref = rope_table_3d(grid, head_dim, "cpu")
+    table = torch.stack([ref.real, ref.imag], dim=-1).to(torch.float32)
+    return table.to(device)
+
+
+class RopeCache:
+    """A `RopeTableFn` that builds `rope_table_3d_f32` once per (grid, head_dim, device) and reuses it.
+
+    The cache belongs to the object (one per model or pipeline), not to the module; `clear()`
+    drops the tables.
+    """
+
+    def __init__(self, table_fn: RopeTableFn = rope_table_3d_f32):
+        self.table_fn = table_fn
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, grid: tuple[int, int, int], head_dim: int, device: torch.device | str) -> torch.Tensor:
+        key = (tuple(int(g) for g in grid), int(head_dim), str(torch.device(device)))
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = self.table_fn(grid, head_dim, device)
+        return table
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+    def __repr__(self) -> str:
+        return f"RopeCache({getattr(self.table_fn, '__name__', self.table_fn)}, {len(self._tables)} shapes)"
+
+
+def apply_rope_3d(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, H, D] by a table; returns float32 like the official code.
+
+    `table` is either the reference complex table [L, 1, D/2] (the arithmetic runs in its
+    precision, float64 for `rope_table_3d`) or a real float32 (cos, sin) table [L, 1, D/2, 2]
+    from `rope_table_3d_f32` (float32 arithmetic, no complex numbers, fusable by the compiler).
     """
     b, length, heads, dim = x.shape
     if table.shape[0] != length:
         raise ValueError(f"RoPE table has {table.shape[0]} rows but the sequence has {length} tokens")
+    if not table.is_complex():
+        pairs = x.float().unflatten(-1, (dim // 2, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        cos, sin = table[..., 0], table[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3)
     real = torch.float64 if table.dtype == torch.complex128 else torch.float32
     xc = torch.view_as_complex(x.to(real).reshape(b, length, heads, dim // 2, 2))
     return torch.view_as_real(xc * table).flatten(3).float()
@@ -147,3 +234,38 @@ def reference_attention_map(
             per_mask = per_mask / mask_sums[:, None, None, :]
             total[:, :, start:start + query_chunk] += per_mask.mean(1).transpose(1, 2)
     return total / 2
+
+
+def sdpa_attention_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    tokens_per_frame: int,
+    token_masks: torch.Tensor,
+) -> torch.Tensor:
+    """`reference_attention_map` as one fused attention call (same math, far fewer bytes).
+
+    softmax(q k^T / sqrt(D)) averaged over a mask's keys is attention whose values are the
+    masks: out[q, m] = sum_k p[q, k] mask[m, k]. So the map is SDPA(q, k_frame0, V) with
+    V[k] = (mask_1[k], mask_2[k], mask_3[k], 0, ...) padded to the head size (the fused
+    kernels need equal q/k/v head sizes), divided by the mask sizes and averaged over the
+    heads of the two halves (equal halves, so the mean of the halves is the mean over the
+    first 2*(H//2) heads; an odd last head is ignored, as in the reference).
+    The map is returned in float32 whatever q's dtype: the speaker positions derived from it
+    (min-max rescaled to [0, 4] and [20, 24], then RoPE angles) lose up to 1/8 of a position
+    when kept in bf16, which moves a two-speaker bf16 output by ~15% of its range.
+    """
+    b, length, heads, dim = q.shape
+    used = 2 * (heads // 2)
+    masks = token_masks.to(device=q.device, dtype=torch.float32)
+    if masks.dim() == 2:
+        masks = masks.unsqueeze(0)
+    masks = masks.expand(b, -1, -1)
+    n_masks = masks.shape[1]
+    if n_masks > dim:
+        raise ValueError(f"{n_masks} masks do not fit in head size {dim}")
+    mask_sums = masks.sum(-1)  # [B, n_masks]
+    values = F.pad(masks.transpose(1, 2), (0, dim - n_masks))  # [B, K, D]
+    values = values[:, :, None, :].expand(b, tokens_per_frame, used, dim).to(q.dtype)
+    out = sdpa_attention(q[:, :, :used], k[:, :tokens_per_frame, :used].to(q.dtype), values.contiguous())
+    per_mask = out[..., :n_masks].float().mean(2)  # [B, L, n_masks]
+    return (per_mask / mask_sums[:, None, :]).transpose(1, 2)

@@ -119,30 +119,43 @@ class AudioCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(audio_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def audio_kv(self, audio_tokens: torch.Tensor, two_speakers: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio_tokens [B, T, M, audio_dim] -> (k, v), each [B*T, M, H, D].
+
+        With two speakers the keys are rotated by their speaker's centre position (1-D RoPE).
+        They depend on the audio only, so a window computes them once.
+        """
+        b, frames = audio_tokens.shape[:2]
+        n, d = self.num_heads, self.head_dim
+        tokens = audio_tokens.flatten(0, 1)  # [B*T, M, audio_dim]
+        m = tokens.shape[1]
+        k, v = self.kv_linear(tokens).view(b * frames, m, 2, n, d).unbind(2)
+        if two_speakers:
+            k_pos = speaker_key_positions(m, frames, k.device, k.dtype)
+            k = rope_1d(k.reshape(b, frames * m, n, d), k_pos).reshape(b * frames, m, n, d)
+        return k, v
+
     def forward(
         self,
         x: torch.Tensor,
-        audio_tokens: torch.Tensor,
+        audio_kv: tuple[torch.Tensor, torch.Tensor],
         frames: int,
         attention: AttentionFn,
         query_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T*S, dim], audio_tokens [B, T, M, audio_dim] -> [B, T*S, dim].
+        """x [B, T*S, dim], audio_kv from `audio_kv` -> [B, T*S, dim].
 
-        query_positions [B, T*S] (two speakers only) switches on the 1-D RoPE routing: queries
-        rotate by their speaker position, keys by their speaker's centre position.
+        query_positions [B, T*S] (two speakers only; the keys must then come from
+        `audio_kv(..., two_speakers=True)`) switches on the 1-D RoPE routing: queries rotate by
+        their speaker position, keys by their speaker's centre position.
         """
         b, length, dim = x.shape
         n, d = self.num_heads, self.head_dim
         per_frame = length // frames
         q = self.q_linear(x).view(b, length, n, d)
-        tokens = audio_tokens.flatten(0, 1)  # [B*T, M, audio_dim]
-        m = tokens.shape[1]
-        k, v = self.kv_linear(tokens).view(b * frames, m, 2, n, d).unbind(2)
+        k, v = audio_kv
         if query_positions is not None:
             q = rope_1d(q, query_positions)
-            k_pos = speaker_key_positions(m, frames, k.device, k.dtype)
-            k = rope_1d(k.reshape(b, frames * m, n, d), k_pos).reshape(b * frames, m, n, d)
         q = q.reshape(b * frames, per_frame, n, d)
         out = attention(q, k, v).reshape(b, length, dim)
         return self.proj(out)

@@ -8,6 +8,12 @@ parameters), `WanDiTConfig.tiny()` a small model of the same code for tests.
 Numerics follow the official `WanModel` (wan/modules/multitalk_model.py): float32 is the parity
 contract; in bfloat16 the time embedding, modulation, gated residuals, LayerNorms and the output
 head run in float32 as the official autocast regions do, and the output is float32.
+
+Faster kernels are explicit options of the model (constructor keywords, or the same attributes
+set by `infinitetalk.runtime.fast.make_fast`): `attention`, `rope_table`, `routing_map` and
+`sdpa_backends`. What stays fixed within a window (text/CLIP keys and values, audio keys and
+values of every block) can be computed once with `precompute_conditions` and passed to
+`forward(..., conditions=...)` at every step.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import json
 import logging
 import math
 import os
+import contextlib
 import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
@@ -26,7 +33,9 @@ from torch import nn
 from ..errors import InputError
 from .attention import (
     AttentionFn,
+    PreferredSdpa,
     RopeTableFn,
+    RoutingMapFn,
     apply_rope_3d,
     reference_attention_map,
     rope_table_3d,
@@ -219,6 +228,7 @@ class WanSelfAttention(nn.Module):
         attention: AttentionFn,
         ref_masks: torch.Tensor | None = None,
         tokens_per_frame: int = 0,
+        routing_map: RoutingMapFn = reference_attention_map,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, L, dim] -> (out [B, L, dim], reference map [B, 3, L] when ref_masks is given)."""
         b, length, _ = x.shape
@@ -232,7 +242,7 @@ class WanSelfAttention(nn.Module):
         ref_map = None
         if ref_masks is not None:
             with torch.no_grad():
-                ref_map = reference_attention_map(q.type_as(x), k.type_as(x), tokens_per_frame, ref_masks)
+                ref_map = routing_map(q.type_as(x), k.type_as(x), tokens_per_frame, ref_masks)
         return out, ref_map
 
 
@@ -253,16 +263,26 @@ class WanI2VCrossAttention(nn.Module):
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
-        """x [B, L, dim], context [B, 257 + text_len, dim] (image tokens first)."""
-        b = x.shape[0]
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """context [B, 257 + text_len, dim] (image tokens first) -> (k, v, k_img, v_img) [B, Lc, H, D].
+
+        They depend on the prompt and the reference image only, so a window computes them once.
+        """
+        b = context.shape[0]
         n, d = self.num_heads, self.head_dim
         img, text = context[:, :CLIP_TOKENS], context[:, CLIP_TOKENS:]
-        q = self.norm_q(self.q(x)).view(b, -1, n, d)
         k = self.norm_k(self.k(text)).view(b, -1, n, d)
         v = self.v(text).view(b, -1, n, d)
         k_img = self.norm_k_img(self.k_img(img)).view(b, -1, n, d)
         v_img = self.v_img(img).view(b, -1, n, d)
+        return k, v, k_img, v_img
+
+    def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, ...], attention: AttentionFn) -> torch.Tensor:
+        """x [B, L, dim], context_kv from `context_kv` -> [B, L, dim]."""
+        b = x.shape[0]
+        n, d = self.num_heads, self.head_dim
+        k, v, k_img, v_img = context_kv
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
         img_out = attention(q, k_img, v_img).type_as(x).flatten(2)
         text_out = attention(q, k, v).type_as(x).flatten(2)
         return self.o(text_out + img_out)
@@ -293,25 +313,28 @@ class WanAttentionBlock(nn.Module):
         x: torch.Tensor,
         e0: torch.Tensor,
         rope_table: torch.Tensor,
-        context: torch.Tensor,
-        audio_tokens: torch.Tensor,
+        context_kv: tuple[torch.Tensor, ...],
+        audio_kv: tuple[torch.Tensor, torch.Tensor],
         grid: tuple[int, int, int],
         attention: AttentionFn,
         ref_masks: torch.Tensor | None = None,
+        routing_map: RoutingMapFn = reference_attention_map,
     ) -> torch.Tensor:
-        """x [B, L, dim]; e0 [B or 1, 6, dim] float32; ref_masks [B or 1, 3, h*w] only for two speakers."""
+        """x [B, L, dim]; e0 [B or 1, 6, dim] float32; context_kv from `cross_attn.context_kv`,
+        audio_kv from `audio_cross_attn.audio_kv`; ref_masks [B or 1, 3, h*w] only for two speakers.
+        """
         dtype = x.dtype
         mod = (self.modulation.float() + e0).chunk(6, dim=1)
         frames, rows, cols = grid
 
         h = (self.norm1(x).float() * (1 + mod[1]) + mod[0]).to(dtype)
-        y, ref_map = self.self_attn(h, rope_table, attention, ref_masks, rows * cols)
+        y, ref_map = self.self_attn(h, rope_table, attention, ref_masks, rows * cols, routing_map)
         x = (x.float() + y.float() * mod[2]).to(dtype)
 
-        x = x + self.cross_attn(self.norm3(x), context, attention)
+        x = x + self.cross_attn(self.norm3(x), context_kv, attention)
 
         positions = speaker_positions(ref_map) if ref_map is not None else None
-        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, frames, attention, positions)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_kv, frames, attention, positions)
 
         y = self.ffn((self.norm2(x).float() * (1 + mod[4]) + mod[3]).to(dtype))
         return (x.float() + y.float() * mod[5]).to(dtype)
@@ -349,11 +372,39 @@ class MLPProj(nn.Module):
 # the model
 
 
+@dataclass
+class DiTConditions:
+    """Per-window inputs of every block, computed once by `InfiniteTalkDiT.precompute_conditions`.
+
+    context_kv[i]: block i's text/CLIP (k, v, k_img, v_img), each [B, Lc, H, D];
+    audio_kv[i]: block i's audio (k, v), each [B*T, speakers*context_tokens, H, D] (keys already
+    rotated for two speakers). They depend on the prompt, the CLIP features and the audio only,
+    never on the noisy latent or the timestep, so all sampling steps of a window share them.
+    """
+
+    batch: int
+    speakers: int
+    frames: int
+    context_kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    audio_kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def nbytes(self) -> int:
+        """Device memory held by the cached tensors."""
+        return sum(t.numel() * t.element_size() for kv in (*self.context_kv, *self.audio_kv) for t in kv)
+
+
 class InfiniteTalkDiT(nn.Module):
     """Wan2.1-I2V DiT with the InfiniteTalk audio adapter (official parameter names).
 
-    `attention` (q, k, v [B, L, H, D] -> out) and `rope_table` ((f, h, w), head_dim, device ->
-    complex table) are explicit options so faster kernels can be chosen without patching.
+    Kernel options (explicit, so faster kernels are chosen without patching; defaults are the
+    reference path that matches the official model):
+    * `attention` (q, k, v [B, L, H, D] -> out), default `sdpa_attention`;
+    * `rope_table` ((f, h, w), head_dim, device -> table), default the float64 complex
+      `rope_table_3d`; `attention.RopeCache()` gives cached float32 (cos, sin) tables;
+    * `routing_map` (two speakers), default `reference_attention_map`; `sdpa_attention_map`
+      is the fused equivalent;
+    * `sdpa_backends` (a `PreferredSdpa` or None): the SDPA backend priority applied around
+      the whole forward (outside any compiled region).
     """
 
     def __init__(
@@ -362,12 +413,16 @@ class InfiniteTalkDiT(nn.Module):
         *,
         attention: AttentionFn = sdpa_attention,
         rope_table: RopeTableFn = rope_table_3d,
+        routing_map: RoutingMapFn = reference_attention_map,
+        sdpa_backends: PreferredSdpa | None = None,
     ):
         super().__init__()
         cfg = config
         self.config = cfg
         self.attention = attention
         self.rope_table = rope_table
+        self.routing_map = routing_map
+        self.sdpa_backends = sdpa_backends
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
@@ -451,17 +506,58 @@ class InfiniteTalkDiT(nn.Module):
         small = F.interpolate(masks.to(device=self.device, dtype=torch.float32), size=(rows, cols), mode="nearest")
         return (small > 0).flatten(2).to(self.dtype)
 
+    def _context_tokens(self, context: torch.Tensor | Sequence[torch.Tensor], clip_fea: torch.Tensor, batch: int) -> torch.Tensor:
+        """CLIP image tokens then text tokens, embedded: [B, 257 + text_len, dim]."""
+        cfg = self.config
+        if clip_fea.dim() != 3 or clip_fea.shape[1:] != (CLIP_TOKENS, cfg.clip_dim) or clip_fea.shape[0] not in (1, batch):
+            raise InputError(f"clip_fea must be [{batch}, {CLIP_TOKENS}, {cfg.clip_dim}]; got {tuple(clip_fea.shape)}.")
+        img = self.img_emb(clip_fea.to(device=self.device, dtype=self.dtype)).expand(batch, -1, -1)
+        return torch.cat([img, self._text_context(context, batch)], dim=1).to(self.dtype)
+
+    def _batch_of(self, context: torch.Tensor | Sequence[torch.Tensor]) -> int:
+        return context.shape[0] if isinstance(context, torch.Tensor) else len(context)
+
+    @torch.no_grad()
+    def precompute_conditions(
+        self,
+        context: torch.Tensor | Sequence[torch.Tensor],
+        clip_fea: torch.Tensor,
+        audio: torch.Tensor,
+    ) -> DiTConditions:
+        """Every block's text/CLIP and audio keys and values for a batch of B condition sets.
+
+        Inputs as in `forward` (B = len(context)). The result replaces context, clip_fea and
+        audio in `forward(x, t, y=y, conditions=...)` for every step of the window; it holds
+        about (257 + text_len + T*speakers*context_tokens) * 2 * dim values per block and sample
+        (0.6 GB per sample for the 14B model in bf16).
+        """
+        batch = self._batch_of(context)
+        if audio.dim() < 3:
+            raise InputError(f"audio must be [B, speakers, frames, ...]; got {tuple(audio.shape)}.")
+        frames = (audio.shape[2] - 1) // self.config.vae_scale + 1
+        with self._kernel_context():
+            context_tokens = self._context_tokens(context, clip_fea, batch)
+            audio_tokens, speakers = self._audio_tokens(audio, batch, frames)
+            context_kv = [block.cross_attn.context_kv(context_tokens) for block in self.blocks]
+            audio_kv = [block.audio_cross_attn.audio_kv(audio_tokens, speakers == 2) for block in self.blocks]
+        return DiTConditions(batch, speakers, frames, context_kv, audio_kv)
+
+    def _kernel_context(self):
+        return self.sdpa_backends.context() if self.sdpa_backends is not None else contextlib.nullcontext()
+
     # ---- forward ---------------------------------------------------------------------------
 
     def forward(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        context: torch.Tensor | Sequence[torch.Tensor],
-        clip_fea: torch.Tensor,
-        y: torch.Tensor,
-        audio: torch.Tensor,
+        context: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
         ref_target_masks: torch.Tensor | None = None,
+        *,
+        conditions: DiTConditions | None = None,
     ) -> torch.Tensor:
         """Predict the flow for a batch of latent windows; returns float32 [B, out_dim, T, H, W].
 
@@ -471,8 +567,15 @@ class InfiniteTalkDiT(nn.Module):
         [B, N, 1 + 4(T-1), audio_window, audio_layers, audio_channels] with N = 1 or 2 speakers;
         ref_target_masks [3, H, W] (or [B, 3, H, W]) person-1 / person-2 / background masks,
         needed only when N == 2 (it is ignored for one speaker).
+        `conditions` (from `precompute_conditions`) replaces context, clip_fea and audio.
         """
+        with self._kernel_context():
+            return self._forward(x, t, context, clip_fea, y, audio, ref_target_masks, conditions)
+
+    def _forward(self, x, t, context, clip_fea, y, audio, ref_target_masks, conditions) -> torch.Tensor:
         cfg = self.config
+        if y is None:
+            raise InputError("y (mask + image-latent conditioning) is required.")
         if x.dim() != 5 or y.dim() != 5 or x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
             raise InputError(f"x and y must be [B, C, T, H, W] with equal B, T, H, W; got {tuple(x.shape)} and {tuple(y.shape)}.")
         if x.shape[1] + y.shape[1] != cfg.in_dim:
@@ -492,12 +595,18 @@ class InfiniteTalkDiT(nn.Module):
             raise InputError(f"t must hold 1 or {batch} timesteps; got {t.numel()}.")
         e, e0 = self._time_embedding(t)
 
-        if clip_fea.dim() != 3 or clip_fea.shape[1:] != (CLIP_TOKENS, cfg.clip_dim) or clip_fea.shape[0] not in (1, batch):
-            raise InputError(f"clip_fea must be [{batch}, {CLIP_TOKENS}, {cfg.clip_dim}]; got {tuple(clip_fea.shape)}.")
-        img = self.img_emb(clip_fea.to(device=self.device, dtype=self.dtype)).expand(batch, -1, -1)
-        context_tokens = torch.cat([img, self._text_context(context, batch)], dim=1).to(self.dtype)
-
-        audio_tokens, speakers = self._audio_tokens(audio, batch, grid[0])
+        if conditions is None:
+            if context is None or clip_fea is None or audio is None:
+                raise InputError("forward needs context, clip_fea and audio, or precomputed conditions.")
+            context_tokens = self._context_tokens(context, clip_fea, batch)
+            audio_tokens, speakers = self._audio_tokens(audio, batch, grid[0])
+        else:
+            if conditions.batch != batch or conditions.frames != grid[0]:
+                raise InputError(
+                    f"The precomputed conditions are for {conditions.batch} samples of {conditions.frames} latent "
+                    f"frames; x has {batch} samples of {grid[0]}."
+                )
+            speakers = conditions.speakers
 
         # the two-speaker routing map is needed (and computed) only with two speakers
         ref_masks = None
@@ -507,8 +616,15 @@ class InfiniteTalkDiT(nn.Module):
             ref_masks = self._token_masks(ref_target_masks, batch, grid[1], grid[2])
 
         rope = self.rope_table(grid, cfg.head_dim, self.device)
-        for block in self.blocks:
-            tokens = block(tokens, e0, rope, context_tokens, audio_tokens, grid, self.attention, ref_masks)
+        for i, block in enumerate(self.blocks):
+            if conditions is None:  # one block's keys/values at a time, as the reference does
+                context_kv = block.cross_attn.context_kv(context_tokens)
+                audio_kv = block.audio_cross_attn.audio_kv(audio_tokens, speakers == 2)
+            else:
+                context_kv, audio_kv = conditions.context_kv[i], conditions.audio_kv[i]
+            tokens = block(
+                tokens, e0, rope, context_kv, audio_kv, grid, self.attention, ref_masks, self.routing_map
+            )
 
         out = self.head(tokens, e)  # [B, L, prod(patch) * out_dim], float32
         return self.unpatchify(out, grid)

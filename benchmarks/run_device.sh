@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-shot script for the device machine (one H100/H200): GPU tests of the fast path, then the
+# DiT benchmark with its floor kernels. Run from the repository root:
+#   bash benchmarks/run_device.sh tests        # GPU parity / fast-path tests only
+#   bash benchmarks/run_device.sh 480          # GPU tests, kernels, 480p baseline / fast bf16 / guidance / fp8
+#   bash benchmarks/run_device.sh 720          # 720p baseline / fast bf16 / fp8
+# Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
+# carry .bench) and the commit in .bench/COMMIT (`git rev-parse HEAD > .bench/COMMIT`), since
+# .git does not travel. Results and logs go to $OUT (or benchmarks/results when unset).
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+export INFINITETALK_SHARED=${INFINITETALK_SHARED:-.bench/shared}
+export INFINITETALK_COMMIT=${INFINITETALK_COMMIT:-$(cat .bench/COMMIT 2>/dev/null || echo unknown)}
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+what=${1:-480}
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+case "$what" in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_path.py -s 2>&1 | tee "$OUT/gpu_tests.log"
+    ;;
+  480)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_path.py -s 2>&1 | tee "$OUT/gpu_tests.log"
+    python3 benchmarks/bench_dit.py --sizes 480 --phases kernels,baseline,fast,guidance,fp8 --reps 3 \
+      --out "$OUT/dit_480p.json" 2>&1 | tee "$OUT/bench_480p.log"
+    ;;
+  720)
+    python3 benchmarks/bench_dit.py --sizes 720 --phases baseline,fast,fp8 --reps 2 --fp8-speakers 1 \
+      --skip-720-baseline-2spk --out "$OUT/dit_720p.json" 2>&1 | tee "$OUT/bench_720p.log"
+    ;;
+  extra)  # the routing-map check at 480p, then max-autotune compilation of the bf16 fast path
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 2 --phases fast,routingcheck --reps 2 \
+      --out "$OUT/dit_480p_routing.json" 2>&1 | tee "$OUT/bench_480p_routing.log"
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --phases fast --reps 3 \
+      --compile-mode max-autotune-no-cudagraphs --out "$OUT/dit_480p_autotune.json" 2>&1 | tee "$OUT/bench_480p_autotune.log"
+    ;;
+  *) echo "unknown: $what"; exit 2 ;;
+esac
