@@ -558,6 +558,7 @@ class InfiniteTalkDiT(nn.Module):
         ref_target_masks: torch.Tensor | None = None,
         *,
         conditions: DiTConditions | None = None,
+        block_cache: Any = None,
     ) -> torch.Tensor:
         """Predict the flow for a batch of latent windows; returns float32 [B, out_dim, T, H, W].
 
@@ -568,11 +569,20 @@ class InfiniteTalkDiT(nn.Module):
         ref_target_masks [3, H, W] (or [B, 3, H, W]) person-1 / person-2 / background masks,
         needed only when N == 2 (it is ignored for one speaker).
         `conditions` (from `precompute_conditions`) replaces context, clip_fea and audio.
+        `block_cache` (TeaCache): an object with attributes `reuse` (bool) and `residual`
+        (tensor or None). When `reuse` is true the transformer blocks are skipped and the
+        embedded tokens plus `residual` go to the head; otherwise the blocks run and
+        `residual` is set to (tokens after the blocks - tokens before them). The caller owns
+        the object (one per guidance branch), so no state is kept on the model.
         """
         with self._kernel_context():
-            return self._forward(x, t, context, clip_fea, y, audio, ref_target_masks, conditions)
+            return self._forward(x, t, context, clip_fea, y, audio, ref_target_masks, conditions, block_cache)
 
-    def _forward(self, x, t, context, clip_fea, y, audio, ref_target_masks, conditions) -> torch.Tensor:
+    def time_modulation(self, t: torch.Tensor) -> torch.Tensor:
+        """e0 [B, 6, dim] float32 for timesteps t: the signal TeaCache compares between steps."""
+        return self._time_embedding(torch.as_tensor(t, device=self.device).reshape(-1))[1]
+
+    def _forward(self, x, t, context, clip_fea, y, audio, ref_target_masks, conditions, block_cache=None) -> torch.Tensor:
         cfg = self.config
         if y is None:
             raise InputError("y (mask + image-latent conditioning) is required.")
@@ -615,6 +625,14 @@ class InfiniteTalkDiT(nn.Module):
                 raise InputError("Two speakers need ref_target_masks [3, H, W] (person 1, person 2, background).")
             ref_masks = self._token_masks(ref_target_masks, batch, grid[1], grid[2])
 
+        if block_cache is not None and block_cache.reuse:
+            residual = block_cache.residual
+            if residual is None or residual.shape != tokens.shape:
+                raise InputError("TeaCache asked to reuse a residual that was never computed for this input shape.")
+            out = self.head(tokens + residual, e)
+            return self.unpatchify(out, grid)
+
+        before = tokens
         rope = self.rope_table(grid, cfg.head_dim, self.device)
         for i, block in enumerate(self.blocks):
             if conditions is None:  # one block's keys/values at a time, as the reference does
@@ -626,6 +644,8 @@ class InfiniteTalkDiT(nn.Module):
                 tokens, e0, rope, context_kv, audio_kv, grid, self.attention, ref_masks, self.routing_map
             )
 
+        if block_cache is not None:
+            block_cache.residual = tokens - before
         out = self.head(tokens, e)  # [B, L, prod(patch) * out_dim], float32
         return self.unpatchify(out, grid)
 

@@ -200,6 +200,22 @@ class GuidedDiT:
                 inputs = {"context": list(contexts), "clip_fea": clip, "audio": audio_batch}
             self._inputs.append((group, inputs))
 
+    @torch.no_grad()
+    def predict_branch(self, latent: torch.Tensor, t: torch.Tensor, branch: str, block_cache=None) -> torch.Tensor:
+        """One branch's prediction [16, T, H, W] (the sampler's `denoise_fn`). `block_cache` is the
+        branch's TeaCache slot; TeaCache decides per branch, so it needs unbatched branches."""
+        for group, inputs in self._inputs:
+            if branch not in group:
+                continue
+            if len(group) > 1:
+                if block_cache is not None:
+                    raise InputError("TeaCache skips branches one at a time; turn off batched guidance to use it.")
+                return self.predict(latent, t)[branch]
+            out = self.model(latent.unsqueeze(0), t, y=self.y.unsqueeze(0), ref_target_masks=self.ref_target_masks,
+                             block_cache=block_cache, **inputs)
+            return out[0]
+        raise InputError(f"Guidance branch {branch!r} was not prepared for this window.")
+
     def conditions_nbytes(self) -> int:
         """Device memory held by the precomputed keys and values (0 without caching)."""
         return sum(i["conditions"].nbytes() for _, i in self._inputs if "conditions" in i)
