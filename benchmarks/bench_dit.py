@@ -9,6 +9,7 @@ init in place; no files), then times one forward (CUDA events, median) for each 
   fast      `make_fast(FastOptions())`: SDPA cuDNN > flash, cached float32 RoPE, fused routing
             map, regional torch.compile, text/CLIP/audio keys and values precomputed per window;
   guidance  (480p, one speaker) the three guidance passes of a step batched in one forward;
+  fastbhld  the fast path with `attention.sdpa_attention_bhld` (contiguous [B, H, L, D] q/k/v);
   fp8       the fast path with fp8 linear layers (`runtime/fp8.py`), quantised in place.
 
 Sizes: 480p = 640x640 bucket (latent 80x80, 21 latent frames, 33,600 tokens), 720p =
@@ -270,6 +271,12 @@ def run(args) -> dict:
 
     if "fast" in phases:
         fast_phase("bf16")
+    if "fastbhld" in phases:  # the same fast path, SDPA on contiguous [B, H, L, D] copies
+        from infinitetalk.models.attention import sdpa_attention, sdpa_attention_bhld
+
+        model.attention = sdpa_attention_bhld
+        fast_phase("bf16_bhld")
+        model.attention = sdpa_attention
     if "routingcheck" in phases and 2 in speakers:
         # the fused routing map vs the reference one inside the same fast path: separates a
         # kernel error from the argmax sensitivity of the two-speaker routing

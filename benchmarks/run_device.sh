@@ -4,6 +4,7 @@
 #   bash benchmarks/run_device.sh tests        # GPU parity / fast-path tests only
 #   bash benchmarks/run_device.sh 480          # GPU tests, kernels, 480p baseline / fast bf16 / guidance / fp8
 #   bash benchmarks/run_device.sh 720          # 720p baseline / fast bf16 / fp8
+#   bash benchmarks/run_device.sh vae          # VAE fp32 vs bf16 fast variants; DiT bf16 fast, both SDPA layouts
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
 # carry .bench) and the commit in .bench/COMMIT (`git rev-parse HEAD > .bench/COMMIT`), since
 # .git does not travel. Results and logs go to $OUT (or benchmarks/results when unset).
@@ -34,6 +35,11 @@ case "$what" in
       --out "$OUT/dit_480p_routing.json" 2>&1 | tee "$OUT/bench_480p_routing.log"
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --phases fast --reps 3 \
       --compile-mode max-autotune-no-cudagraphs --out "$OUT/dit_480p_autotune.json" 2>&1 | tee "$OUT/bench_480p_autotune.log"
+    ;;
+  vae)  # the VAE benchmark, then the bf16 fast DiT forward at 480p with both attention layouts
+    python3 benchmarks/bench_vae.py --reps 3 --out "$OUT/vae.json" 2>&1 | tee "$OUT/bench_vae.log"
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --phases kernels,fast,fastbhld --reps 3 \
+      --out "$OUT/dit_480p_v2.json" 2>&1 | tee "$OUT/bench_480p_v2.log"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

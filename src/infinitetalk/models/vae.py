@@ -30,8 +30,17 @@ kernel launches and more activation memory. Nothing is stored on the modules bet
 Layouts. Per-frame 2D convolutions (the spatial resampling convs and the attention projections)
 keep their official ``nn.Conv2d`` parameters but run on the 5D tensor (weights viewed as
 ``(k, 1, kh, kw)`` conv3d / linear kernels), so no ``(b t) c h w`` permute copies are made. No op
-assumes a memory format (a ``torch.channels_last_3d`` input gives the same result), so the GPU path
-can choose the faster layout; which one that is has not been measured yet.
+assumes a memory format (a ``torch.channels_last_3d`` input gives the same result, and the layers
+keep the input's layout), so the GPU path can choose the faster layout (channels-last on Hopper).
+
+Fast path. ``encode``/``decode`` take ``fast=VAEFastOptions(...)`` (explicit, nothing is patched):
+channels-last activations for cuDNN, cuDNN autotuning scoped to the call, larger time chunks, and
+the norm + SiLU in front of every causal convolution written straight into the convolution's
+time-padded input (no ``torch.cat`` copy), optionally as one ``torch.compile``-d kernel computed in
+float32. ``norm_act="inplace"`` is the reference arithmetic (equal up to the convolutions' summation
+order); ``"compiled"`` differs by float round-off (the norm factor is not rounded to the activation
+dtype, which makes the bf16 path slightly more accurate). Use it with bf16
+weights (``load_vae(..., dtype=torch.bfloat16)``) on a GPU; see ``benchmarks/bench_vae.py``.
 
 Low memory. ``decode(..., tiling=DecodeTiling(...))`` runs the high-resolution decoder levels on
 spatial tiles with halos, one at a time (each through the full causal time pass with its own
@@ -45,10 +54,11 @@ float32 tensors (the official wrapper does the same with ``.float()``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +164,86 @@ class DecodeTiling:
         return covered(height) * covered(width) / float(height * width)
 
 
+NORM_ACT_MODES = ("reference", "inplace", "fused", "compiled")
+
+
+@dataclass(frozen=True)
+class VAEFastOptions:
+    """Speed options of ``WanVAE.encode`` / ``WanVAE.decode`` (pass as ``fast=``).
+
+    channels_last: run the activations in ``torch.channels_last_3d`` (NDHWC), the layout of
+        cuDNN's fastest 3-D convolutions on recent GPUs.
+    cudnn_benchmark: let cuDNN time its algorithms for each convolution shape (scoped to the call
+        with ``torch.backends.cudnn.flags``; the first call per shape pays the search).
+    chunk_latents: latent frames per step when the call does not name ``chunk_latents``
+        (same result as 1, fewer launches, more activation memory).
+    norm_act: how the RMS norm + SiLU in front of each causal convolution runs:
+        "reference" (norm, SiLU, then ``cat`` with the cached frames), "inplace" (same arithmetic,
+        written straight into the convolution's padded input: one copy less) or "compiled" (one ``torch.compile``-d float32 kernel producing the padded input:
+        one read and one write of the activation instead of ~6 passes); "fused" is that float32
+        function run eagerly (for checking it, and for devices without a compiler).
+    """
+
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+    chunk_latents: int = 4
+    norm_act: str = "compiled"
+
+    def __post_init__(self) -> None:
+        if self.norm_act not in NORM_ACT_MODES:
+            raise ValueError(f"norm_act must be one of {NORM_ACT_MODES}, got {self.norm_act!r}")
+        if self.chunk_latents < 1:
+            raise ValueError("VAEFastOptions.chunk_latents must be >= 1")
+
+
+NormActFn = Callable[[torch.Tensor, "RMSNorm", torch.Tensor], torch.Tensor]
+"""(x [B, C, T, H, W], norm, prev [B, C, ctx, H, W]) -> cat([prev, silu(norm(x))], time)."""
+
+
+def norm_act_inplace(x: torch.Tensor, norm: "RMSNorm", prev: torch.Tensor) -> torch.Tensor:
+    """The reference norm + SiLU arithmetic, written into a fresh time-padded buffer after `prev`
+    (keeps x's memory format; equal to ``cat([prev, silu(norm(x))])`` element for element)."""
+    b, c, t, h, w = x.shape
+    ctx = prev.shape[2]
+    padded = torch.empty((b, c, ctx + t, h, w), dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
+    padded[:, :, :ctx] = prev
+    out = padded[:, :, ctx:]
+    torch.mul(x, norm.factor(x), out=out)
+    out.mul_(norm.gamma.view(-1, 1, 1, 1))
+    F.silu(out, inplace=True)
+    return padded
+
+
+def fused_norm_silu_pad(x: torch.Tensor, gamma_scaled: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """cat([prev, silu(x / ||x||_C * gamma_scaled)], time) computed in float32 (the function that
+    ``norm_act="compiled"`` hands to ``torch.compile``; gamma_scaled = gamma * sqrt(C), [1, C, 1, 1, 1])."""
+    xf = x.float()
+    norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min(1e-12)
+    h = F.silu(xf * (gamma_scaled / norm)).to(x.dtype)
+    return torch.cat([prev, h], dim=2)
+
+
+class FusedNormAct:
+    """A `NormActFn` running `fused_norm_silu_pad`, through ``torch.compile`` when `compile` (one
+    compiled instance per VAE, built on first use; shapes that change recompile with dynamic sizes)."""
+
+    def __init__(self, compile: bool = True) -> None:
+        self._fn = torch.compile(fused_norm_silu_pad, dynamic=None) if compile else fused_norm_silu_pad
+
+    def __call__(self, x: torch.Tensor, norm: "RMSNorm", prev: torch.Tensor) -> torch.Tensor:
+        gamma = norm.gamma.detach().float().view(1, -1, 1, 1, 1) * norm.scale
+        out = self._fn(x, gamma, prev)
+        fmt = _layout_of(x)
+        return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d when x is stored that way (and is not trivially both), else contiguous."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 class CausalCache:
     """State carried from one temporal chunk to the next during one encode or decode pass.
 
@@ -161,11 +251,14 @@ class CausalCache:
     from frames it has already seen: the last two input frames of a causal convolution, the last
     frame before a time downsampling, or a marker that a time upsampling layer has already passed
     its first frame through. A cache belongs to exactly one pass over one sequence (one spatial tile);
-    create a new one for every call.
+    create a new one for every call. It also carries the pass's norm + SiLU kernel (``norm_act``),
+    chosen by ``VAEFastOptions.norm_act``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, norm_act: Optional[NormActFn] = None) -> None:
         self._state: dict[nn.Module, object] = {}
+        #: how `CausalConv3d.forward_normed` computes norm + SiLU + padding (None: the reference way).
+        self.norm_act = norm_act
 
     def get(self, layer: nn.Module):
         return self._state.get(layer)
@@ -196,6 +289,21 @@ class CausalConv3d(nn.Conv3d):
                 cache.put(self, x[:, :, -ctx:].clone())
         return super().forward(x)
 
+    def forward_normed(self, x: torch.Tensor, norm: "RMSNorm", cache: Optional[CausalCache] = None) -> torch.Tensor:
+        """``self(silu(norm(x)), cache)``, with the norm + SiLU done by the cache's ``norm_act`` when
+        it has one (writing directly into the time-padded convolution input)."""
+        fn = cache.norm_act if cache is not None else None
+        ctx = self.time_context
+        if fn is None or not ctx:
+            return self(F.silu(norm(x), inplace=True), cache)
+        prev = cache.get(self)
+        if prev is None:
+            b, c, _, h, w = x.shape
+            prev = torch.empty((b, c, ctx, h, w), dtype=x.dtype, device=x.device, memory_format=_layout_of(x)).zero_()
+        padded = fn(x, norm, prev)
+        cache.put(self, padded[:, :, -ctx:].clone())
+        return super().forward(padded)
+
 
 class FrameConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (official parameter shape) applied to every frame of a [B, C, T, H, W] tensor,
@@ -218,10 +326,13 @@ class RMSNorm(nn.Module):
         self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * gamma_dims)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def factor(self, x: torch.Tensor) -> torch.Tensor:
+        """sqrt(C) / ||x||_C per position, [B, 1, ...], accumulated in float32, in x's dtype."""
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
-        factor = (self.scale / norm).to(x.dtype)
-        return x * factor * self.gamma.view(-1, 1, 1, 1)
+        return (self.scale / norm).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor(x) * self.gamma.view(-1, 1, 1, 1)
 
 
 class ResidualBlock(nn.Module):
@@ -240,8 +351,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: Optional[CausalCache] = None) -> torch.Tensor:
         r = self.residual
         h = self.shortcut(x)
-        y = r[2](F.silu(r[0](x), inplace=True), cache)
-        y = r[6](F.silu(r[3](y), inplace=True), cache)
+        y = r[2].forward_normed(x, r[0], cache)
+        y = r[6].forward_normed(y, r[3], cache)
         return y.add_(h)
 
 
@@ -271,7 +382,7 @@ class OutputHead(nn.Sequential):
         super().__init__(RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: Optional[CausalCache] = None) -> torch.Tensor:
-        return self[2](F.silu(self[0](x), inplace=True), cache)
+        return self[2].forward_normed(x, self[0], cache)
 
 
 class Resample(nn.Module):
@@ -319,8 +430,14 @@ class Resample(nn.Module):
             return first
         y = self.time_conv(x, cache)  # [B, 2C, t, H, W] -> [B, C, 2t, H, W], halves interleaved in time
         b, c2, t, h, w = y.shape
-        y = y.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-        return y if first is None else torch.cat([first, y], dim=2)
+        c = c2 // 2
+        lead = 0 if first is None else 1
+        out = torch.empty((b, c, lead + 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=_layout_of(y))
+        if first is not None:
+            out[:, :, :1] = first
+        out[:, :, lead::2] = y[:, :c]
+        out[:, :, lead + 1 :: 2] = y[:, c:]
+        return out
 
     def _time_downsample(self, x: torch.Tensor, cache: Optional[CausalCache]) -> torch.Tensor:
         prev = cache.get(self) if cache is not None else None
@@ -463,31 +580,67 @@ class WanVAE(nn.Module):
 
     # ----------------------------------------------------------------- encode
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, *, chunk_latents: int = 1) -> torch.Tensor:
+    def encode(
+        self, video: torch.Tensor, *, chunk_latents: Optional[int] = None, fast: Optional[VAEFastOptions] = None
+    ) -> torch.Tensor:
         """Video [B, 3, F, H, W] in [-1, 1] -> normalised latent float32 [B, z, 1 + (F - 1) // 4, H / 8, W / 8].
 
         The first frame is encoded alone, then ``4 * chunk_latents`` frames at a time (1 = the
-        official schedule; larger values give the same result with fewer steps and more memory).
-        Frames after the last complete group of 4 are ignored, as in the official code.
+        official schedule; larger values give the same result with fewer steps and more memory;
+        None = 1, or ``fast.chunk_latents`` with ``fast``). ``fast`` selects the speed options
+        (``VAEFastOptions``). Frames after the last complete group of 4 are ignored, as in the
+        official code.
         """
         if video.dim() != 5 or video.shape[1] != 3 or video.shape[2] < 1:
             raise InputError(f"The VAE encodes videos shaped [batch, 3, frames, height, width]; got {tuple(video.shape)}.")
-        if chunk_latents < 1:
-            raise ValueError("chunk_latents must be >= 1")
+        chunk_latents = self._chunk_latents(chunk_latents, fast)
         param = self._param()
         frames = self._frames_used(video.shape[2])
         if frames != video.shape[2]:
             log.debug("VAE encode ignores the last %d frame(s) (not a full group of %d)",
                       video.shape[2] - frames, self.config.temporal_stride)
-        cache = CausalCache()
-        outs = [
-            self.encoder(video[:, :, start:stop].to(device=param.device, dtype=param.dtype), cache)
-            for start, stop in _chunks(frames, 1, self.config.temporal_stride * chunk_latents)
-        ]
-        moments = self.conv1(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+        fmt = torch.channels_last_3d if fast is not None and fast.channels_last else torch.contiguous_format
+        cache = self._new_cache(fast)
+        with self._kernel_flags(fast):
+            outs = [
+                self.encoder(video[:, :, start:stop].to(device=param.device, dtype=param.dtype).contiguous(memory_format=fmt), cache)
+                for start, stop in _chunks(frames, 1, self.config.temporal_stride * chunk_latents)
+            ]
+            moments = self.conv1(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
         mu = moments[:, : self.config.z_dim].float()
         mean, inv_std = self.latent_stats(mu.device)
-        return (mu - mean) * inv_std
+        return ((mu - mean) * inv_std).contiguous()
+
+    # ----------------------------------------------------------------- fast-path plumbing
+    @staticmethod
+    def _chunk_latents(chunk_latents: Optional[int], fast: Optional[VAEFastOptions]) -> int:
+        if chunk_latents is None:
+            chunk_latents = fast.chunk_latents if fast is not None else 1
+        if chunk_latents < 1:
+            raise ValueError("chunk_latents must be >= 1")
+        return int(chunk_latents)
+
+    def _new_cache(self, fast: Optional[VAEFastOptions]) -> CausalCache:
+        """A fresh pass cache carrying the norm + SiLU kernel that `fast` asks for."""
+        if fast is None or fast.norm_act == "reference":
+            return CausalCache()
+        if fast.norm_act == "inplace":
+            return CausalCache(norm_act_inplace)
+        if fast.norm_act == "fused":
+            return CausalCache(FusedNormAct(compile=False))
+        compiled = self.__dict__.get("_compiled_norm_act")
+        if compiled is None:
+            compiled = self.__dict__["_compiled_norm_act"] = FusedNormAct(compile=True)
+        return CausalCache(compiled)
+
+    @staticmethod
+    def _kernel_flags(fast: Optional[VAEFastOptions]):
+        """cuDNN autotuning for the duration of one call (restored afterwards)."""
+        if fast is None or not fast.cudnn_benchmark:
+            return contextlib.nullcontext()
+        cudnn = torch.backends.cudnn
+        return cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
+                           allow_tf32=cudnn.allow_tf32)
 
     # ----------------------------------------------------------------- decode
     @torch.no_grad()
@@ -496,37 +649,43 @@ class WanVAE(nn.Module):
         latent: torch.Tensor,
         *,
         clamp: bool = True,
-        chunk_latents: int = 1,
+        chunk_latents: Optional[int] = None,
         tiling: Optional[DecodeTiling] = None,
+        fast: Optional[VAEFastOptions] = None,
     ) -> torch.Tensor:
         """Normalised latent [B, z, T, h, w] -> video float32 [B, 3, 1 + 4 (T - 1), 8 h, 8 w].
 
         ``clamp`` clamps to [-1, 1] (the official ``WanVAE.decode``); ``clamp=False`` is the raw
         decoder output (``WanVAE_.decode``). ``chunk_latents`` latent frames are decoded per step
-        (1 = official). ``tiling`` decodes spatial tiles one after another to bound memory; the
-        result equals the untiled decode up to round-off (see ``DecodeTiling`` for the cost).
+        (None = 1, the official schedule, or ``fast.chunk_latents`` with ``fast``). ``tiling``
+        decodes spatial tiles one after another to bound memory; the result equals the untiled
+        decode up to round-off (see ``DecodeTiling`` for the cost). ``fast``: ``VAEFastOptions``.
         """
         z = self.config.z_dim
         if latent.dim() != 5 or latent.shape[1] != z or latent.shape[2] < 1:
             raise InputError(f"The VAE decodes latents shaped [batch, {z}, frames, height, width]; got {tuple(latent.shape)}.")
-        if chunk_latents < 1:
-            raise ValueError("chunk_latents must be >= 1")
+        chunk_latents = self._chunk_latents(chunk_latents, fast)
         param = self._param()
         mean, inv_std = self.latent_stats(param.device)
         x = latent.to(device=param.device, dtype=torch.float32) / inv_std + mean
-        x = self.conv2(x.to(param.dtype))
+        if fast is not None and fast.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         b, _, t, h, w = x.shape
         s, sp = self.config.temporal_stride, self.config.spatial_stride
         out = torch.empty(b, 3, 1 + s * (t - 1), h * sp, w * sp, dtype=torch.float32, device=param.device)
-        if tiling is None:
-            self._decode_into(x, out, chunk_latents)
-        else:
-            self._decode_tiled_into(x, out, chunk_latents, tiling)
+        with self._kernel_flags(fast):
+            x = self.conv2(x.to(param.dtype))
+            if tiling is None:
+                self._decode_into(x, out, chunk_latents, fast)
+            else:
+                self._decode_tiled_into(x, out, chunk_latents, tiling, fast)
         return out.clamp_(-1.0, 1.0) if clamp else out
 
-    def _decode_into(self, x: torch.Tensor, out: torch.Tensor, chunk_latents: int) -> None:
+    def _decode_into(
+        self, x: torch.Tensor, out: torch.Tensor, chunk_latents: int, fast: Optional[VAEFastOptions] = None
+    ) -> None:
         """Causal decode of conv2 output `x`, `chunk_latents` latent frames per step, into `out`."""
-        cache = CausalCache()
+        cache = self._new_cache(fast)
         frame = 0
         for start, stop in _chunks(x.shape[2], 0, chunk_latents):
             y = self.decoder(x[:, :, start:stop], cache)
@@ -534,10 +693,13 @@ class WanVAE(nn.Module):
             frame += y.shape[2]
             del y
 
-    def _decode_tiled_into(self, x: torch.Tensor, out: torch.Tensor, chunk_latents: int, tiling: DecodeTiling) -> None:
+    def _decode_tiled_into(
+        self, x: torch.Tensor, out: torch.Tensor, chunk_latents: int, tiling: DecodeTiling,
+        fast: Optional[VAEFastOptions] = None,
+    ) -> None:
         """See ``DecodeTiling``: whole-frame stages first (kept per chunk), then tile by tile with halos."""
         split, factor, halo = self.decoder.tiling_split()
-        cache = CausalCache()
+        cache = self._new_cache(fast)
         coarse = [self.decoder(x[:, :, a:b], cache, stop=split) for a, b in _chunks(x.shape[2], 0, chunk_latents)]
         del cache
         height, width = coarse[0].shape[-2:]
@@ -547,7 +709,7 @@ class WanVAE(nn.Module):
             in_top, in_bottom = max(0, top - halo), min(height, bottom + halo)
             for left, right in core.cores(width):
                 in_left, in_right = max(0, left - halo), min(width, right + halo)
-                cache = CausalCache()
+                cache = self._new_cache(fast)
                 frame = 0
                 for chunk in coarse:
                     y = self.decoder(chunk[..., in_top:in_bottom, in_left:in_right], cache, start=split)
