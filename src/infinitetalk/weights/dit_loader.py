@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -136,6 +136,10 @@ def load_dit(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     config: Optional[WanDiTConfig] = None,
+    *,
+    loras: Sequence[tuple[str | os.PathLike, float]] = (),
+    fp8: bool = False,
+    quantized: str | os.PathLike | None = None,
 ) -> InfiniteTalkDiT:
     """Build the InfiniteTalk DiT from official files, strictly, straight into device/dtype.
 
@@ -144,18 +148,49 @@ def load_dit(
     `infinitetalk.safetensors` (or its folder), merged over the base keys (later file wins);
     it may be omitted only when `checkpoint` already contains the adapter keys.
     Every tensor, including modulation tables, is cast to `dtype` as the official pipeline does.
+    loras: (LoRA file, scale) pairs merged into the weights at load, in float32, tensor by
+    tensor (FusionX, lightx2v; kijai/ComfyUI, kohya and diffusers/peft key formats).
+    fp8: the block linear layers become `Fp8Linear` (e4m3 weights, per-output-channel scales),
+    quantised at load after the LoRA merge, so LoRAs also work with fp8.
+    quantized: the official optimum-quanto file (`quant_models/infinitetalk_single_fp8.safetensors`
+    + its `.json` map) used instead of the bf16 shards; `checkpoint` then only gives config.json.
+    It implies fp8 for the layers stored in fp8.
     Errors: MissingWeightsError (a file is absent), CheckpointError (unreadable file, missing,
     unexpected or mis-shaped key; the message names the key and the file).
     """
     files, cfg = resolve_dit_files(checkpoint, adapter, config)
-    source = open_weights(files)
+    if quantized is not None:
+        from .quant import open_quanto_checkpoint
+
+        if not Path(quantized).is_file():
+            raise MissingWeightsError(f"Quantised DiT file not found: {quantized}.", missing=[str(quantized)])
+        source = open_quanto_checkpoint(quantized)
+        fp8 = True
+    else:
+        source = open_weights(files)
     if adapter is None and not any(k.startswith(ADAPTER_KEY_PREFIXES) for k in source.keys()):
         raise CheckpointError(
             f"{checkpoint} holds no InfiniteTalk audio-adapter weights (audio_proj.*): pass "
             f"adapter=<path to single/{ADAPTER_NAME} or multi/{ADAPTER_NAME}>."
         )
+    if loras:
+        from .lora import LoraMergedSource, load_lora
+
+        source = LoraMergedSource(source, [(load_lora(path), float(scale)) for path, scale in loras], device=device)
     with torch.device("meta"):
         model = InfiniteTalkDiT(cfg)
-    log.info("loading the DiT from %d file(s) into %s %s", len(files), device, dtype)
-    materialize(model, source, device=device, dtype=dtype, what="InfiniteTalk DiT")
+    keep_float32 = None
+    if fp8:
+        from ..runtime.fp8 import fp8_layer_names, is_dit_fp8_layer, quantize_module
+        from .quant import Fp8Source
+
+        quantize_module(model, lambda name, module: is_dit_fp8_layer(name))
+        source = Fp8Source(source, fp8_layer_names(model), device=device)
+        keep_float32 = _is_fp8_scale
+    log.info("loading the DiT from %d file(s) into %s %s%s", len(source.files), device, dtype, " (fp8 layers)" if fp8 else "")
+    materialize(model, source, device=device, dtype=dtype, keep_float32=keep_float32, what="InfiniteTalk DiT")
     return model
+
+
+def _is_fp8_scale(name: str) -> bool:
+    return name.endswith(".weight_scale")
