@@ -1,0 +1,414 @@
+"""`InfiniteTalk`: load the models once, then make talking videos of any length.
+
+    from infinitetalk.generation.pipeline import InfiniteTalk
+    pipe = InfiniteTalk.from_pretrained("~/weights")             # or model="tiny" (random)
+    pipe.generate("out.mp4", image="face.png", audio="speech.wav", prompt="A woman talks.")
+    for chunk in pipe.stream(image="face.png", audio="speech.wav"):   # frames as they are made
+        chunk.frames                                               # uint8 [n, H, W, 3]
+
+One-way flow (DESIGN.md): inputs are checked and decoded first (`generation.inputs`), then
+speech -> wav2vec2 features and prompt -> umT5 (once per job); the window plan
+(`generation.windows`) drives one window at a time: CLIP features and the image latent `y` of the
+window's reference frame (recomputed only when that frame changes: once for an image, per
+window for a dubbed video, whose reference is the source frame at the window's start time),
+the motion latents (first window: the reference frame; later: the last `motion_frame` decoded
+frames), the sampler (`generation.sampler`) with the DiT, the VAE decode, colour correction
+towards the first reference frame, and the new frames go to the caller (`stream`) or into one
+H.264 segment each plus the resume state (`generate`, see `generation.job_state`), which are
+packet-copied with the AAC speech into the final MP4 at the end.
+
+Random numbers follow the official loop for a seed: one generator seeded once; per window the
+initial noise, then (windows after the first) the motion re-noising draws inside the sampler.
+Host memory holds one window of frames at a time, so it does not grow with the video length.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import FPS, GenerationConfig
+from ..errors import InputError
+from ..media.frames import VideoFrameReader, prepare_frame
+from ..media.segments import concat_segments, write_segment
+from ..media.writer import to_uint8_frames
+from ..progress import ProgressCallback, ProgressTracker
+from .audio_windows import audio_window, extend_by_reflection
+from .color import match_and_blend_colors
+from .conditioning import BranchDenoiser, image_condition, motion_latent
+from .inputs import GenerationRequest, PreparedInputs, input_checksums, prepare_inputs, prompt_hash_material
+from .job_state import JobDir, JobState
+from .sampler import draw_window_noise, sample_window
+from .windows import Window, WindowPlan, plan_windows
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+MODEL_NAMES = ("infinitetalk-14b", "tiny")
+
+
+def model_defaults(model: str) -> dict:
+    """GenerationConfig fields a model changes from the official defaults (tiny: 128 px buckets).
+
+    The tiny model keeps the official 40 steps: a 10 s portrait video takes about 25 s on a
+    2-core CPU (43 s CPU time), well under the one-minute goal.
+    """
+    if model == "tiny":
+        from ..runtime.tiny_models import TINY_LONGEST_SIDE
+
+        return {"bucket_longest_side": TINY_LONGEST_SIDE}
+    if model not in MODEL_NAMES:
+        raise InputError(f"Unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}.")
+    return {}
+
+
+def config_for(model: str, config: Optional[GenerationConfig] = None, **settings) -> GenerationConfig:
+    """The settings for `model`: `config` (or the model's defaults) with `settings` on top.
+
+    A tiny model always uses its 128 px buckets unless `bucket_longest_side` is set explicitly.
+    """
+    defaults = model_defaults(model)
+    if config is None:
+        return GenerationConfig().with_(**{**defaults, **settings})
+    cfg = config.with_(**settings) if settings else config
+    if "bucket_longest_side" in defaults and cfg.bucket_longest_side is None:
+        cfg = cfg.with_(bucket_longest_side=defaults["bucket_longest_side"])
+    return cfg
+
+
+def job_settings(
+    inputs: PreparedInputs,
+    cfg: GenerationConfig,
+    model: str,
+    variant: str,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> dict:
+    """Everything that decides a job's video (the resume settings hash covers this).
+
+    Input files enter by checksum, so renaming them does not matter but changing them does.
+    """
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype if dtype is not None else default_dtype(dev)
+    return {
+        "package": __version__,
+        "model": model,
+        "variant": variant,
+        "device": dev.type,
+        "dtype": str(dt),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+        "request": prompt_hash_material(inputs.request),
+        "target_hw": list(inputs.target_hw),
+        "inputs": list(input_checksums(inputs.request).values()),
+    }
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs (official param dtype), float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class Components:
+    """The loaded models. `random` marks the tiny random models (outputs are not faces)."""
+
+    dit: torch.nn.Module
+    text_encoder: object
+    clip: torch.nn.Module
+    vae: torch.nn.Module
+    audio_encoder: torch.nn.Module
+    name: str
+    variant: str
+    random: bool
+    vae_chunk_latents: int = 1
+
+
+@dataclass(frozen=True)
+class WindowFrames:
+    """What `stream` yields per window: the new frames and where they go in the video.
+
+    frames: uint8 [n, H, W, 3]; index / total_windows: this window's number (0-based) and the
+    plan's window count; out_start / out_end: frame range of the output video; fps: 25.
+    """
+
+    frames: np.ndarray
+    index: int
+    total_windows: int
+    out_start: int
+    out_end: int
+    fps: int = FPS
+
+    @property
+    def start_s(self) -> float:
+        return self.out_start / self.fps
+
+
+@dataclass
+class _WindowResult:
+    window: Window
+    frames: np.ndarray
+    motion: torch.Tensor
+    rng_state: torch.Tensor
+
+
+class InfiniteTalk:
+    """The InfiniteTalk generator. Build with `from_pretrained`; call `generate` or `stream`."""
+
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
+        self.components = components
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: Optional[PathLike] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+        variant: str = "single",
+        model: str = "infinitetalk-14b",
+        seed: int = 0,
+    ) -> "InfiniteTalk":
+        """Load every model.
+
+        path_or_repo: the weights folder (official layout, see `weights.hub`; None: the default
+        folder $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights). Missing files raise
+        MissingWeightsError listing them with the `infinitetalk download` command.
+        variant: "single" or "multi" (the adapter for one or two speakers).
+        model: "infinitetalk-14b" (official weights) or "tiny" (small random models of every
+        component built from `seed`, no files needed; for tests, the output is not a face).
+        device: default cuda when available, else cpu; dtype: default bfloat16 on cuda, float32 on cpu.
+        """
+        dev = torch.device(device) if device is not None else default_device()
+        dt = dtype if dtype is not None else default_dtype(dev)
+        if model not in MODEL_NAMES:
+            raise InputError(f"Unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}.")
+        if variant not in ("single", "multi"):
+            raise InputError(f"Unknown weights variant {variant!r}; use 'single' or 'multi'.")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("The device 'cuda' was asked for but no CUDA GPU is available; use --device cpu.")
+        if model == "tiny":
+            return cls(cls._tiny_components(seed, dev, dt, variant), dev, dt)
+        return cls(cls._official_components(path_or_repo, dev, dt, variant), dev, dt)
+
+    @staticmethod
+    def _tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant: str) -> Components:
+        from ..runtime.tiny_models import build_tiny_models
+
+        log.info("model 'tiny': every component has RANDOM weights; the video shows noise, not a face")
+        tiny = build_tiny_models(seed, device, dtype)
+        return Components(
+            tiny.dit, tiny.text_encoder, tiny.clip, tiny.vae, tiny.audio_encoder, name="tiny", variant=variant,
+            random=True, vae_chunk_latents=8,
+        )
+
+    @staticmethod
+    def _official_components(root: Optional[PathLike], device: torch.device, dtype: torch.dtype, variant: str) -> Components:
+        from ..weights.audio_loader import load_audio_encoder
+        from ..weights.clip_loader import load_clip_vision
+        from ..weights.dit_loader import load_dit
+        from ..weights.hub import locate_weights
+        from ..weights.t5_loader import load_text_encoder
+        from ..weights.vae_loader import load_vae
+
+        layout = locate_weights(root, variant)
+        clip_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official clip dtype
+        log.info("loading the models from %s onto %s (%s)", layout.root, device, dtype)
+        dit = load_dit(layout.dit_dir, layout.adapter, device=device, dtype=dtype).eval()
+        text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=device, dtype=dtype)
+        clip = load_clip_vision(layout.clip, device=device, dtype=clip_dtype).eval()
+        vae = load_vae(layout.vae, device=device, dtype=torch.float32).eval()
+        audio = load_audio_encoder(layout.wav2vec, device=device, dtype=torch.float32).eval()
+        return Components(dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False)
+
+    # ---- settings ------------------------------------------------------------------------
+    def default_config(self, **settings) -> GenerationConfig:
+        """The generation settings suited to this model (tiny: 128 px buckets)."""
+        return config_for(self.components.name, None, **settings)
+
+    def _config(self, config: Optional[GenerationConfig], settings: dict) -> GenerationConfig:
+        return config_for(self.components.name, config, **settings)
+
+    def prepare(self, config: Optional[GenerationConfig] = None, **request) -> tuple[PreparedInputs, GenerationConfig]:
+        """Check and decode the inputs of a job (no model runs); see `GenerationRequest` for the keys."""
+        settings = {k: request.pop(k) for k in list(request) if k in GenerationConfig.__dataclass_fields__}
+        unknown = set(request) - set(GenerationRequest.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"Unknown job argument(s): {', '.join(sorted(unknown))}.")
+        if "audio" not in request:
+            raise InputError("Give the speech as audio=PATH.")
+        cfg = self._config(config, settings)
+        return prepare_inputs(GenerationRequest(**request), cfg), cfg
+
+    @staticmethod
+    def plan(inputs: PreparedInputs, cfg: GenerationConfig) -> WindowPlan:
+        return plan_windows(inputs.audio_frames, cfg.frame_num, cfg.motion_frame, cfg.mode, cfg.max_frames)
+
+    # ---- public generation -----------------------------------------------------------------
+    def stream(
+        self,
+        inputs: Optional[PreparedInputs] = None,
+        config: Optional[GenerationConfig] = None,
+        progress: Optional[ProgressCallback] = None,
+        **request,
+    ) -> Iterator[WindowFrames]:
+        """Yield each window's new frames as soon as it is made (see `WindowFrames`).
+
+        Give the job as keywords (image= or video=, audio=, audio2=, audio_type=, boxes=,
+        prompt=, negative_prompt=, plus any GenerationConfig field such as sample_steps=, seed=)
+        or as `inputs` from `prepare` with its `config`.
+        """
+        if inputs is None:
+            inputs, config = self.prepare(config, **request)
+        elif config is None:
+            config = self.default_config()
+        plan = self.plan(inputs, config)
+        tracker = ProgressTracker(progress)
+        for result in self._run(inputs, config, plan, tracker, None):
+            w = result.window
+            yield WindowFrames(result.frames, w.index, len(plan), w.out_start, w.out_end)
+
+    def generate(
+        self,
+        output: PathLike,
+        inputs: Optional[PreparedInputs] = None,
+        config: Optional[GenerationConfig] = None,
+        progress: Optional[ProgressCallback] = None,
+        resume: bool = False,
+        **request,
+    ) -> Path:
+        """Make the whole video into `output` (MP4, H.264 + AAC, 25 fps) and return its path.
+
+        Job keywords as for `stream`. Finished windows are kept in `OUTPUT.job/`; after a crash
+        or kill, the same call with `resume=True` continues from the last finished window and
+        gives the same video as an uninterrupted run. The output appears (atomic rename) only
+        when complete.
+        """
+        if inputs is None:
+            inputs, config = self.prepare(config, **request)
+        elif config is None:
+            config = self.default_config()
+        output = Path(output).expanduser()
+        if output.is_dir():
+            raise InputError(f"The output path {output} is a folder; give a file name such as {output / 'out.mp4'}.")
+        self._check_options(inputs, config)
+        plan = self.plan(inputs, config)
+        tracker = ProgressTracker(progress)
+        job = JobDir(output)
+        state = job.start(self._job_settings(inputs, config), resume)
+        if state is not None:
+            tracker.emit("resume", state.next_window, len(plan), f"resuming at window {state.next_window + 1}/{len(plan)}")
+        frames_done = state.frames_written if state is not None else 0
+        for result in self._run(inputs, config, plan, tracker, state):
+            index = result.window.index
+            write_segment(job.segment_path(index), result.frames)
+            frames_done += result.frames.shape[0]
+            job.save_state(JobState(index + 1, frames_done, result.motion, result.rng_state))
+        tracker.emit("write", 0, 0, f"writing {output}")
+        concat_segments(job.segments(len(plan)), output, audio=inputs.tracks.mix, sample_rate=inputs.tracks.sample_rate)
+        job.remove()
+        tracker.emit("done", len(plan), len(plan), f"wrote {output} ({plan.total_frames} frames, {plan.duration_s:.2f} s)")
+        return output
+
+    # ---- internals -------------------------------------------------------------------------
+    def _check_options(self, inputs: PreparedInputs, cfg: GenerationConfig) -> None:
+        if cfg.use_teacache and not hasattr(self.components.dit, "timestep_modulation"):
+            raise InputError(
+                "TeaCache is not available with this DiT yet (it lacks the block-cache hook); run without --teacache."
+            )
+        if inputs.request.speakers == 2 and self.components.variant == "single" and not self.components.random:
+            log.warning("two speakers with the 'single' adapter; the official release uses --variant multi for this")
+
+    def _job_settings(self, inputs: PreparedInputs, cfg: GenerationConfig) -> dict:
+        c = self.components
+        return job_settings(inputs, cfg, c.name, c.variant, self.device, self.dtype)
+
+    def _encode_job(self, inputs: PreparedInputs, cfg: GenerationConfig, tracker: ProgressTracker):
+        c = self.components
+        tracker.emit("encode", 0, 0, "encoding the speech (wav2vec2)")
+        features = [c.audio_encoder.encode(track) for track in inputs.tracks.speakers]
+        tracker.emit("encode", 0, 0, "encoding the prompt (umT5)")
+        negative = inputs.request.negative_prompt
+        negative = cfg.negative_prompt if negative is None else negative
+        context, context_null = c.text_encoder.encode([inputs.request.prompt, negative])
+        return features, context.to(self.device), context_null.to(self.device)
+
+    def _audio_for(self, features: Sequence[torch.Tensor], window: Window, frame_num: int) -> torch.Tensor:
+        embs = list(features)
+        if window.is_last:  # official: the features are extended just before the last window
+            embs = [extend_by_reflection(e, window.end)[0] for e in embs]
+        return audio_window(embs, window.start, frame_num).to(self.device)
+
+    @torch.no_grad()
+    def _run(
+        self,
+        inputs: PreparedInputs,
+        cfg: GenerationConfig,
+        plan: WindowPlan,
+        tracker: ProgressTracker,
+        state: Optional[JobState],
+    ) -> Iterator[_WindowResult]:
+        c = self.components
+        self._check_options(inputs, cfg)
+        start = state.next_window if state is not None else 0
+        if start >= len(plan):
+            return
+        features, context, context_null = self._encode_job(inputs, cfg, tracker)
+        generator = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
+        motion_frames = None
+        if state is not None:
+            generator.set_state(state.rng_state)
+            motion_frames = state.motion
+        masks = inputs.masks.to(self.device)
+        reference = inputs.reference
+        lat_h, lat_w = inputs.latent_hw
+        latent_frames = cfg.latent_frames
+        reader = VideoFrameReader(inputs.request.video) if inputs.is_video else None
+        cached_cond, clip_fea, y = None, None, None
+        try:
+            for window in plan.windows[start:]:
+                n = len(plan)
+                tracker.emit("window", window.index, n, f"window {window.index + 1}/{n}", window=window.index)
+                if reader is not None and not window.is_first:
+                    cond = prepare_frame(reader.frame_at(window.reference_time_s), inputs.target_hw)
+                else:
+                    cond = reference
+                if cached_cond is None or not torch.equal(cached_cond, cond):
+                    clip_fea = c.clip(cond[None].to(self.device)).to(self.dtype)
+                    y = image_condition(c.vae, cond, cfg.frame_num, c.vae_chunk_latents).to(self.device)
+                    cached_cond = cond
+                source = cond if window.is_first else motion_frames
+                motion = motion_latent(c.vae, source, c.vae_chunk_latents).to(self.device)
+                audio = self._audio_for(features, window, cfg.frame_num)
+                noise = draw_window_noise((16, latent_frames, lat_h, lat_w), generator, self.device)
+                denoiser = BranchDenoiser(c.dit, context, context_null, clip_fea, y, audio, masks)
+                modulation = getattr(c.dit, "timestep_modulation", None) if cfg.use_teacache else None
+                latent = sample_window(
+                    denoiser, noise, motion, window.motion_latent_frames, cfg, generator, tracker,
+                    first_window=window.is_first, timestep_modulation=modulation,
+                )
+                tracker.emit("decode", window.index, n, "decoding (VAE)")
+                video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents)[0].float().cpu()
+                del latent, noise, denoiser
+                if cfg.color_correction_strength > 0:
+                    video = match_and_blend_colors(video, reference, cfg.color_correction_strength)
+                motion_frames = video[:, -cfg.motion_frame :].clone()
+                frames = to_uint8_frames(video[:, window.keep])
+                del video
+                yield _WindowResult(window, frames, motion_frames, generator.get_state())
+                tracker.emit("window", window.index + 1, n, f"finished window {window.index + 1}/{n}", window=window.index)
+        finally:
+            if reader is not None:
+                reader.close()
