@@ -67,6 +67,10 @@ def _cases(media: Path, bad: Path) -> dict[str, tuple[list[str], tuple[str, ...]
         "image_as_video": (["--video", img, "--audio", speech], ("is an image",)),
         "video_as_image": (["--image", str(media / "talking_458px_25fps.mp4"), "--audio", speech], ("is a video",)),
         "no_audio_given": (["--image", img], ("--audio",)),
+        "missing_lora": (["--image", img, "--audio", speech, "--lora", str(bad / "nope.safetensors:0.5")],
+                         ("does not exist",)),
+        "bad_lora_scale": (["--image", img, "--audio", speech, "--lora", str(bad / "bad.json") + ":half"],
+                           ("must be a number",)),
     }
 
 
@@ -149,3 +153,11 @@ def test_download_unreachable_hub_is_a_clean_error(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "Could not download" in proc.stderr
+
+
+def test_preset_lora_missing_names_the_download_command(media_dir, tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    rc, err = _run(["--image", str(media_dir / "portrait.png"), "--audio", str(media_dir / "speech.mp3"),
+                    "--preset", "fast", "--weights", str(tmp_path / "w"), "--output", str(out_dir / "out.mp4")], capsys)
+    _assert_clean_failure(rc, err, out_dir, "infinitetalk download --lora fast", "lightx2v")

@@ -42,7 +42,9 @@ from ..media.writer import to_uint8_frames
 from ..progress import ProgressCallback, ProgressTracker
 from .audio_windows import audio_window, extend_by_reflection
 from .color import match_and_blend_colors
-from .conditioning import BranchDenoiser, image_condition, motion_latent
+from ..runtime.fast import GuidedDiT
+from .conditioning import image_condition, motion_latent
+from .guidance import Guidance
 from .inputs import GenerationRequest, PreparedInputs, input_checksums, prepare_inputs, prompt_hash_material
 from .job_state import JobDir, JobState
 from .sampler import draw_window_noise, sample_window
@@ -90,6 +92,7 @@ def job_settings(
     variant: str,
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
+    runtime: Optional[dict] = None,
 ) -> dict:
     """Everything that decides a job's video (the resume settings hash covers this).
 
@@ -107,7 +110,13 @@ def job_settings(
         "request": prompt_hash_material(inputs.request),
         "target_hw": list(inputs.target_hw),
         "inputs": list(input_checksums(inputs.request).values()),
+        "runtime": runtime or runtime_settings(False, ()),
     }
+
+
+def runtime_settings(fp8: bool, loras: Sequence[tuple[PathLike, float]]) -> dict:
+    """The model options that change the video (for the resume settings hash)."""
+    return {"fp8": bool(fp8), "loras": [[Path(p).name, float(scale)] for p, scale in loras]}
 
 
 def default_device() -> torch.device:
@@ -131,7 +140,9 @@ class Components:
     name: str
     variant: str
     random: bool
-    vae_chunk_latents: int = 1
+    vae_chunk_latents: Optional[int] = 1
+    vae_fast: Optional[object] = None  # models.vae.VAEFastOptions on the fast GPU path
+    runtime: dict = dataclasses.field(default_factory=dict)  # speed/weight options that change results
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,10 @@ class InfiniteTalk:
         variant: str = "single",
         model: str = "infinitetalk-14b",
         seed: int = 0,
+        *,
+        fast: Optional[bool] = None,
+        fp8: bool = False,
+        loras: Sequence[tuple[PathLike, float]] = (),
     ) -> "InfiniteTalk":
         """Load every model.
 
@@ -190,6 +205,10 @@ class InfiniteTalk:
         model: "infinitetalk-14b" (official weights) or "tiny" (small random models of every
         component built from `seed`, no files needed; for tests, the output is not a face).
         device: default cuda when available, else cpu; dtype: default bfloat16 on cuda, float32 on cpu.
+        fast: the speed path (runtime.fast.FastOptions: cuDNN attention, float32 RoPE, compiled
+        blocks; the VAE in bfloat16 with VAEFastOptions); None = on for CUDA, off on the CPU.
+        fp8: the DiT's block linears in fp8 (e4m3, per-channel scales; about half the memory).
+        loras: (file, scale) LoRAs merged into the DiT at load (e.g. lightx2v for preset 'fast').
         """
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype if dtype is not None else default_dtype(dev)
@@ -199,23 +218,46 @@ class InfiniteTalk:
             raise InputError(f"Unknown weights variant {variant!r}; use 'single' or 'multi'.")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError("The device 'cuda' was asked for but no CUDA GPU is available; use --device cpu.")
+        use_fast = (dev.type == "cuda") if fast is None else bool(fast)
+        loras = [(Path(p).expanduser(), float(scale)) for p, scale in loras]
         if model == "tiny":
-            return cls(cls._tiny_components(seed, dev, dt, variant), dev, dt)
-        return cls(cls._official_components(path_or_repo, dev, dt, variant), dev, dt)
+            if loras:
+                raise InputError("LoRAs change the official 14B weights; the tiny random model takes none.")
+            components = cls._tiny_components(seed, dev, dt, variant, fp8)
+        else:
+            components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast)
+        components.runtime = runtime_settings(fp8, loras)
+        if use_fast:
+            from ..runtime.fast import FastOptions, make_fast
+
+            make_fast(components.dit, FastOptions(compile_blocks=dev.type == "cuda"))
+        return cls(components, dev, dt)
 
     @staticmethod
-    def _tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant: str) -> Components:
+    def _tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant: str, fp8: bool = False) -> Components:
         from ..runtime.tiny_models import build_tiny_models
 
         log.info("model 'tiny': every component has RANDOM weights; the video shows noise, not a face")
         tiny = build_tiny_models(seed, device, dtype)
+        if fp8:
+            from ..runtime.fp8 import is_dit_fp8_layer, quantize_module
+
+            quantize_module(tiny.dit, lambda name, _m: is_dit_fp8_layer(name))
         return Components(
             tiny.dit, tiny.text_encoder, tiny.clip, tiny.vae, tiny.audio_encoder, name="tiny", variant=variant,
             random=True, vae_chunk_latents=8,
         )
 
     @staticmethod
-    def _official_components(root: Optional[PathLike], device: torch.device, dtype: torch.dtype, variant: str) -> Components:
+    def _official_components(
+        root: Optional[PathLike],
+        device: torch.device,
+        dtype: torch.dtype,
+        variant: str,
+        fp8: bool = False,
+        loras: Sequence[tuple[Path, float]] = (),
+        fast: bool = False,
+    ) -> Components:
         from ..weights.audio_loader import load_audio_encoder
         from ..weights.clip_loader import load_clip_vision
         from ..weights.dit_loader import load_dit
@@ -226,12 +268,26 @@ class InfiniteTalk:
         layout = locate_weights(root, variant)
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official clip dtype
         log.info("loading the models from %s onto %s (%s)", layout.root, device, dtype)
-        dit = load_dit(layout.dit_dir, layout.adapter, device=device, dtype=dtype).eval()
+        missing = [str(p) for p, _ in loras if not p.is_file()]
+        if missing:
+            from ..errors import MissingWeightsError
+
+            raise MissingWeightsError(f"LoRA file not found: {', '.join(missing)}.", missing=missing)
+        dit = load_dit(layout.dit_dir, layout.adapter, device=device, dtype=dtype, loras=loras, fp8=fp8).eval()
         text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=device, dtype=dtype)
         clip = load_clip_vision(layout.clip, device=device, dtype=clip_dtype).eval()
-        vae = load_vae(layout.vae, device=device, dtype=torch.float32).eval()
+        vae_fast = None
+        if fast and device.type == "cuda":
+            from ..models.vae import VAEFastOptions
+
+            vae_fast = VAEFastOptions()  # bf16: H100 81x640x640 decode 1.17 s vs 2.98 s in fp32
+        vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
+        vae = load_vae(layout.vae, device=device, dtype=vae_dtype).eval()
         audio = load_audio_encoder(layout.wav2vec, device=device, dtype=torch.float32).eval()
-        return Components(dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False)
+        return Components(
+            dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False,
+            vae_chunk_latents=None if vae_fast is not None else 1, vae_fast=vae_fast,
+        )
 
     # ---- settings ------------------------------------------------------------------------
     def default_config(self, **settings) -> GenerationConfig:
@@ -324,16 +380,12 @@ class InfiniteTalk:
 
     # ---- internals -------------------------------------------------------------------------
     def _check_options(self, inputs: PreparedInputs, cfg: GenerationConfig) -> None:
-        if cfg.use_teacache and not hasattr(self.components.dit, "timestep_modulation"):
-            raise InputError(
-                "TeaCache is not available with this DiT yet (it lacks the block-cache hook); run without --teacache."
-            )
         if inputs.request.speakers == 2 and self.components.variant == "single" and not self.components.random:
             log.warning("two speakers with the 'single' adapter; the official release uses --variant multi for this")
 
     def _job_settings(self, inputs: PreparedInputs, cfg: GenerationConfig) -> dict:
         c = self.components
-        return job_settings(inputs, cfg, c.name, c.variant, self.device, self.dtype)
+        return job_settings(inputs, cfg, c.name, c.variant, self.device, self.dtype, c.runtime)
 
     def _encode_job(self, inputs: PreparedInputs, cfg: GenerationConfig, tracker: ProgressTracker):
         c = self.components
@@ -377,6 +429,7 @@ class InfiniteTalk:
         latent_frames = cfg.latent_frames
         reader = VideoFrameReader(inputs.request.video) if inputs.is_video else None
         cached_cond, clip_fea, y = None, None, None
+        branches = Guidance.from_config(cfg).branches
         try:
             for window in plan.windows[start:]:
                 n = len(plan)
@@ -387,20 +440,24 @@ class InfiniteTalk:
                     cond = reference
                 if cached_cond is None or not torch.equal(cached_cond, cond):
                     clip_fea = c.clip(cond[None].to(self.device)).to(self.dtype)
-                    y = image_condition(c.vae, cond, cfg.frame_num, c.vae_chunk_latents).to(self.device)
+                    y = image_condition(c.vae, cond, cfg.frame_num, c.vae_chunk_latents, c.vae_fast).to(self.device)
                     cached_cond = cond
                 source = cond if window.is_first else motion_frames
-                motion = motion_latent(c.vae, source, c.vae_chunk_latents).to(self.device)
+                motion = motion_latent(c.vae, source, c.vae_chunk_latents, c.vae_fast).to(self.device)
                 audio = self._audio_for(features, window, cfg.frame_num)
                 noise = draw_window_noise((16, latent_frames, lat_h, lat_w), generator, self.device)
-                denoiser = BranchDenoiser(c.dit, context, context_null, clip_fea, y, audio, masks)
-                modulation = getattr(c.dit, "timestep_modulation", None) if cfg.use_teacache else None
+                # text/CLIP/audio keys and values are computed once per window, not per step
+                denoiser = GuidedDiT(
+                    c.dit, branches, context=context, context_null=context_null, clip_fea=clip_fea, y=y,
+                    audio=audio, ref_target_masks=masks if audio.shape[0] == 2 else None,
+                )
+                modulation = c.dit.time_modulation if cfg.use_teacache else None
                 latent = sample_window(
-                    denoiser, noise, motion, window.motion_latent_frames, cfg, generator, tracker,
+                    denoiser.predict_branch, noise, motion, window.motion_latent_frames, cfg, generator, tracker,
                     first_window=window.is_first, timestep_modulation=modulation,
                 )
                 tracker.emit("decode", window.index, n, "decoding (VAE)")
-                video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents)[0].float().cpu()
+                video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents, fast=c.vae_fast)[0].float().cpu()
                 del latent, noise, denoiser
                 if cfg.color_correction_strength > 0:
                     video = match_and_blend_colors(video, reference, cfg.color_correction_strength)

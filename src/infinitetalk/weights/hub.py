@@ -205,3 +205,55 @@ def download_weights(
                 f"weights folder and pass it with --weights (expected layout: {root_path}/{item.local_dir})."
             ) from exc
     return locate_weights(root_path, variant)
+
+
+LORA_DIR = "loras"
+
+
+def preset_lora(root: Optional[os.PathLike | str], preset: str) -> Optional[tuple[Path, float]]:
+    """(path, scale) of the LoRA a preset needs inside the weights folder, or None when the
+    preset needs none. Raises MissingWeightsError with the download command when it is absent."""
+    from ..config import PRESETS
+
+    spec = PRESETS.get(preset, {}).get("lora")
+    if not spec:
+        return None
+    root_path = Path(root).expanduser() if root else default_weights_dir()
+    path = root_path / LORA_DIR / Path(spec["filename"]).name
+    if not path.is_file():
+        raise MissingWeightsError(
+            f"The '{preset}' preset needs the LoRA {path.name}, which is not in {path.parent}.\n"
+            f"Fetch it with:  infinitetalk download --lora {preset} --dir {root_path}\n"
+            "or give your copy with --lora PATH[:SCALE].",
+            missing=[str(path)],
+        )
+    return path, float(PRESETS[preset].get("lora_scale", 1.0))
+
+
+def download_preset_lora(
+    root: Optional[os.PathLike | str], preset: str, endpoint: Optional[str] = None
+) -> Path:
+    """Fetch the LoRA file of `preset` into WEIGHTS/loras/ (resumable) and return its path."""
+    from huggingface_hub import hf_hub_download
+
+    from ..config import PRESETS
+
+    spec = PRESETS.get(preset, {}).get("lora")
+    if not spec:
+        names = ", ".join(k for k, v in PRESETS.items() if v.get("lora"))
+        raise InputError(f"The preset '{preset}' uses no LoRA; presets with one: {names}.")
+    root_path = Path(root).expanduser() if root else default_weights_dir()
+    target = root_path / LORA_DIR
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fetched = Path(hf_hub_download(spec["repo"], spec["filename"], local_dir=target, endpoint=endpoint))
+    except Exception as exc:
+        raise HubError(
+            f"Could not download {spec['filename']} from {spec['repo']} ({type(exc).__name__}: {exc}). "
+            "Check the connection and run the same command again, or copy the file into "
+            f"{target} yourself."
+        ) from exc
+    final = target / Path(spec["filename"]).name
+    if fetched != final:  # the hub keeps the repo's sub-folders; presets look in loras/ directly
+        fetched.replace(final)
+    return final
