@@ -390,7 +390,9 @@ class InfiniteTalk:
     def _encode_job(self, inputs: PreparedInputs, cfg: GenerationConfig, tracker: ProgressTracker):
         c = self.components
         tracker.emit("encode", 0, 0, "encoding the speech (wav2vec2)")
-        features = [c.audio_encoder.encode(track) for track in inputs.tracks.speakers]
+        # kept on the host in the DiT's dtype: the official loop casts each window to it anyway,
+        # and bf16 halves the memory of long jobs (an hour of speech: 1.7 GB instead of 3.3 GB)
+        features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
         tracker.emit("encode", 0, 0, "encoding the prompt (umT5)")
         negative = inputs.request.negative_prompt
         negative = cfg.negative_prompt if negative is None else negative
