@@ -207,8 +207,8 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
 # attention modules
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention with q/k RMS norm and 3-D RoPE; optionally returns the reference map."""
+class _QKVOAttention(nn.Module):
+    """The q/k/v/o projections and q/k RMS norms shared by the self- and cross-attention."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -220,6 +220,10 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+
+class WanSelfAttention(_QKVOAttention):
+    """Self-attention with q/k RMS norm and 3-D RoPE; optionally returns the reference map."""
 
     def forward(
         self,
@@ -246,19 +250,11 @@ class WanSelfAttention(nn.Module):
         return out, ref_map
 
 
-class WanI2VCrossAttention(nn.Module):
+class WanI2VCrossAttention(_QKVOAttention):
     """Cross-attention to the CLIP image tokens and the text tokens (separate softmaxes, summed)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.k_img = nn.Linear(dim, dim)
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
