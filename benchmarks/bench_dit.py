@@ -302,6 +302,24 @@ def run(args) -> dict:
             bench.measure(f"bf16_guidance3_batched_{s}p_1spk", lambda: guided.predict(inp["x"], inp["t"]), w, r,
                           conditions_gb=round(guided.conditions_nbytes() / 1e9, 3), branches=list(branches))
             del guided
+    def reconfigure(label: str, spk, **options):
+        """Re-apply the fast path with other options (fresh compilation) and time it."""
+        try:
+            torch._dynamo.reset()
+            make_fast(model, FastOptions(compile_blocks=not args.no_compile, compile_mode=args.compile_mode, **options))
+            if options.get("fp8"):
+                res["weights_fp8_gb"] = round(
+                    sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+                    + sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9, 2)
+            fast_phase(label, spk)
+        except Exception as exc:
+            traceback.print_exc()
+            res["errors"][label] = f"{type(exc).__name__}: {exc}"
+
+    if "ffnchunk" in phases:  # exact: the FFN on 4 token chunks (peak memory)
+        reconfigure("bf16_ffn4", speakers, ffn_chunks=4)
+    if "bf16attn8" in phases:  # bf16 linears, fp8 self-attention
+        reconfigure("bf16_attn8", [1], fp8_attention=True)
     if "fp8" in phases:
         try:
             torch._dynamo.reset()
@@ -314,11 +332,37 @@ def run(args) -> dict:
             traceback.print_exc()
             res["errors"]["fp8"] = f"{type(exc).__name__}: {exc}"
 
+    fp8_spk = [int(n) for n in args.fp8_speakers]
+    if "fp8attn" in phases:  # fp8 linears and fp8 self-attention (the model is fp8 from the fp8 phase)
+        reconfigure("fp8attn", fp8_spk, fp8=True, fp8_attention=True)
+    if "fp8attnfa" in phases:  # ... plus fast accumulation in the fp8 GEMMs, FFN in 4 chunks
+        reconfigure("fp8attnfa", fp8_spk, fp8=True, fp8_attention=True, fp8_fast_accum=True, ffn_chunks=4)
+    if "profile" in phases and device.type == "cuda":  # kernel time breakdown of the last configuration
+        s = args.sizes[0]
+        inp = inputs[(s, 1)]
+        with torch.inference_mode():
+            cached = model.precompute_conditions([inp["context"]], inp["clip_fea"], inp["audio"][None])
+            fn = bench.forward_fn(model, inp, cached=cached)
+            fn()
+            torch.cuda.synchronize()
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        print(table, flush=True)
+        res["profile_top"] = [
+            {"name": e.key[:120], "cuda_ms": round(e.device_time_total / 1e3, 2), "calls": e.count}
+            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:40]
+        ]
+        del cached
+
     # accuracy of the fast paths against the baseline output (same random weights and inputs)
     s0 = args.sizes[0]
     for n in speakers:
         base = bench.outputs.get(f"baseline_bf16_{s0}p_{n}spk")
-        for label in ("bf16", "fp8"):
+        for label in ("bf16", "fp8", "bf16_ffn4", "bf16_attn8", "fp8attn", "fp8attnfa"):
             out = bench.outputs.get(f"{label}_forward_{s0}p_{n}spk")
             if base is not None and out is not None:
                 res["accuracy"][f"{label}_fast_vs_baseline_{s0}p_{n}spk"] = rel_err(out, base)
@@ -366,7 +410,8 @@ def summarize(res: dict, cfg, sizes, frames, weights_gb) -> None:
         val["floor_s"] = None if floor is None else round(floor, 3)
         val["ratio_to_floor"] = None if floor is None else round(val["s"] / floor, 3)
         if val.get("peak_gb") is not None:
-            val["peak_over_weights_gb"] = round(val["peak_gb"] - weights_gb, 2)
+            held = res.get("weights_fp8_gb", weights_gb) if key.startswith("fp8") else weights_gb
+            val["peak_over_weights_gb"] = round(val["peak_gb"] - held, 2)
         rows.append((key, val))
     one, two = get("bf16_forward_480p_1spk"), get("bf16_forward_480p_2spk")
     if one and two:

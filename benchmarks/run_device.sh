@@ -5,11 +5,15 @@
 #   bash benchmarks/run_device.sh 480          # GPU tests, kernels, 480p baseline / fast bf16 / guidance / fp8
 #   bash benchmarks/run_device.sh 720          # 720p baseline / fast bf16 / fp8
 #   bash benchmarks/run_device.sh vae          # VAE fp32 vs bf16 fast variants; DiT bf16 fast, both SDPA layouts
+#   bash benchmarks/run_device.sh attn8        # fp8 attention kernels; DiT bf16, FFN chunks, bf16 + fp8 attention
+#   bash benchmarks/run_device.sh fp8attn      # DiT fp8, + fp8 attention, + fast accumulation; kernel profile
+# fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
 # carry .bench) and the commit in .bench/COMMIT (`git rev-parse HEAD > .bench/COMMIT`), since
 # .git does not travel. Results and logs go to $OUT (or benchmarks/results when unset).
 set -uo pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 export INFINITETALK_SHARED=${INFINITETALK_SHARED:-.bench/shared}
 export INFINITETALK_COMMIT=${INFINITETALK_COMMIT:-$(cat .bench/COMMIT 2>/dev/null || echo unknown)}
 OUT=${OUT:-benchmarks/results}
@@ -40,6 +44,15 @@ case "$what" in
     python3 benchmarks/bench_vae.py --reps 3 --out "$OUT/vae.json" 2>&1 | tee "$OUT/bench_vae.log"
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --phases kernels,fast,fastbhld --reps 3 \
       --out "$OUT/dit_480p_v2.json" 2>&1 | tee "$OUT/bench_480p_v2.log"
+    ;;
+  attn8)  # fp8 self-attention kernels (cuDNN frontend), then the DiT: bf16, FFN in 4 chunks, bf16 + fp8 attention
+    python3 benchmarks/bench_fp8_attention.py --out "$OUT/fp8_attention.json" 2>&1 | tee "$OUT/bench_fp8_attention.log"
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --phases kernels,fast,ffnchunk,bf16attn8 --reps 3 \
+      --out "$OUT/dit_480p_v4a.json" 2>&1 | tee "$OUT/bench_480p_v4a.log"
+    ;;
+  fp8attn)  # fp8 linears; + fp8 attention; + fast accumulation and FFN chunks; kernel profile of the last
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --fp8-speakers 1,2 --phases fp8,fp8attn,fp8attnfa,profile \
+      --reps 3 --out "$OUT/dit_480p_v4b.json" 2>&1 | tee "$OUT/bench_480p_v4b.log"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

@@ -315,16 +315,21 @@ class WanAttentionBlock(nn.Module):
         attention: AttentionFn,
         ref_masks: torch.Tensor | None = None,
         routing_map: RoutingMapFn = reference_attention_map,
+        self_attention: AttentionFn | None = None,
+        ffn_chunks: int = 1,
     ) -> torch.Tensor:
         """x [B, L, dim]; e0 [B or 1, 6, dim] float32; context_kv from `cross_attn.context_kv`,
         audio_kv from `audio_cross_attn.audio_kv`; ref_masks [B or 1, 3, h*w] only for two speakers.
+        `self_attention` (default: `attention`) runs the video self-attention only.
+        `ffn_chunks` > 1 runs the FFN tail on that many token chunks (same result: the FFN is
+        per token), so its [L, ffn_dim] hidden activations exist for one chunk at a time.
         """
         dtype = x.dtype
         mod = (self.modulation.float() + e0).chunk(6, dim=1)
         frames, rows, cols = grid
 
         h = (self.norm1(x).float() * (1 + mod[1]) + mod[0]).to(dtype)
-        y, ref_map = self.self_attn(h, rope_table, attention, ref_masks, rows * cols, routing_map)
+        y, ref_map = self.self_attn(h, rope_table, self_attention or attention, ref_masks, rows * cols, routing_map)
         x = (x.float() + y.float() * mod[2]).to(dtype)
 
         x = x + self.cross_attn(self.norm3(x), context_kv, attention)
@@ -332,8 +337,14 @@ class WanAttentionBlock(nn.Module):
         positions = speaker_positions(ref_map) if ref_map is not None else None
         x = x + self.audio_cross_attn(self.norm_x(x), audio_kv, frames, attention, positions)
 
-        y = self.ffn((self.norm2(x).float() * (1 + mod[4]) + mod[3]).to(dtype))
-        return (x.float() + y.float() * mod[5]).to(dtype)
+        if ffn_chunks > 1:
+            return torch.cat([self._ffn_tail(part, mod) for part in x.chunk(ffn_chunks, dim=1)], dim=1)
+        return self._ffn_tail(x, mod)
+
+    def _ffn_tail(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The modulated FFN and its gated residual (per token)."""
+        y = self.ffn((self.norm2(x).float() * (1 + mod[4]) + mod[3]).to(x.dtype))
+        return (x.float() + y.float() * mod[5]).to(x.dtype)
 
 
 class Head(nn.Module):
@@ -395,12 +406,16 @@ class InfiniteTalkDiT(nn.Module):
     Kernel options (explicit, so faster kernels are chosen without patching; defaults are the
     reference path that matches the official model):
     * `attention` (q, k, v [B, L, H, D] -> out), default `sdpa_attention`;
+    * `self_attention`: the video self-attention only (None: `attention`), e.g. the fp8
+      `runtime.fp8_attention.CudnnFp8Attention` while the small cross-attentions stay bf16;
     * `rope_table` ((f, h, w), head_dim, device -> table), default the float64 complex
       `rope_table_3d`; `attention.RopeCache()` gives cached float32 (cos, sin) tables;
     * `routing_map` (two speakers), default `reference_attention_map`; `sdpa_attention_map`
       is the fused equivalent;
     * `sdpa_backends` (a `PreferredSdpa` or None): the SDPA backend priority applied around
       the whole forward (outside any compiled region).
+    * `ffn_chunks` (int, default 1): run each block's FFN on that many token chunks (exact;
+      lowers the peak memory of a forward by the FFN's hidden activations).
     """
 
     def __init__(
@@ -411,11 +426,14 @@ class InfiniteTalkDiT(nn.Module):
         rope_table: RopeTableFn = rope_table_3d,
         routing_map: RoutingMapFn = reference_attention_map,
         sdpa_backends: PreferredSdpa | None = None,
+        self_attention: AttentionFn | None = None,
     ):
         super().__init__()
         cfg = config
         self.config = cfg
         self.attention = attention
+        self.self_attention = self_attention
+        self.ffn_chunks = 1
         self.rope_table = rope_table
         self.routing_map = routing_map
         self.sdpa_backends = sdpa_backends
@@ -637,7 +655,8 @@ class InfiniteTalkDiT(nn.Module):
             else:
                 context_kv, audio_kv = conditions.context_kv[i], conditions.audio_kv[i]
             tokens = block(
-                tokens, e0, rope, context_kv, audio_kv, grid, self.attention, ref_masks, self.routing_map
+                tokens, e0, rope, context_kv, audio_kv, grid, self.attention, ref_masks, self.routing_map,
+                self.self_attention, self.ffn_chunks,
             )
 
         if block_cache is not None:

@@ -14,6 +14,10 @@ by patching classes or functions:
   are the region masks, instead of materialising the softmax over the first frame.
 * `fp8`: the big linear layers of every block as `Fp8Linear` (e4m3 weights, per-channel
   scales, `torch._scaled_mm` with per-token scales), see `infinitetalk.runtime.fp8`.
+* `fp8_attention`: the video self-attention in fp8 through cuDNN's fp8 SDPA
+  (`runtime.fp8_attention.CudnnFp8Attention`; Hopper or later with the cuDNN frontend
+  installed, else bf16 with a warning). On an H100 at 480p: 27.8 ms for the kernel against
+  40.5 ms in bf16, at ~6% relative L2 error per attention call on random inputs.
 * `compile_blocks`: regional `torch.compile` of each transformer block (`nn.Module.compile`,
   static shapes); the 40 blocks share one compiled graph per input shape, which fuses the
   float32 modulation / gated-residual / norm / RoPE element-wise work around the GEMMs.
@@ -61,6 +65,8 @@ class FastOptions:
     routing_map: "fused" (one SDPA call) or "reference" (explicit softmax, chunked).
     fp8: replace the blocks' big linear layers by fp8 ones (quantised now from the weights).
     fp8_fast_accum: the fast-accumulation flag of the fp8 GEMM (faster, less accurate).
+    fp8_attention: the video self-attention in fp8 (cuDNN graph; bf16 where unavailable).
+    ffn_chunks: run each block's FFN on this many token chunks (exact; less peak memory).
     compile_blocks: torch.compile each transformer block (regional compilation).
     compile_mode: torch.compile mode (None = default; "max-autotune-no-cudagraphs" tunes longer).
     cache_conditions: compute text/CLIP/audio keys and values once per window (GuidedDiT).
@@ -72,6 +78,8 @@ class FastOptions:
     routing_map: str = "fused"
     fp8: bool = False
     fp8_fast_accum: bool = False
+    fp8_attention: bool = False
+    ffn_chunks: int = 1
     compile_blocks: bool = True
     compile_mode: Optional[str] = None
     cache_conditions: bool = True
@@ -82,6 +90,8 @@ class FastOptions:
             raise ValueError(f"rope must be 'float32' or 'reference', got {self.rope!r}")
         if self.routing_map not in ("fused", "reference"):
             raise ValueError(f"routing_map must be 'fused' or 'reference', got {self.routing_map!r}")
+        if int(self.ffn_chunks) < 1:
+            raise ValueError(f"ffn_chunks must be >= 1, got {self.ffn_chunks!r}")
         if self.sdpa_backends is not None:
             object.__setattr__(self, "sdpa_backends", tuple(self.sdpa_backends))
             PreferredSdpa(self.sdpa_backends)  # validates the names
@@ -116,6 +126,17 @@ def make_fast(model: InfiniteTalkDiT, options: FastOptions = FastOptions()) -> I
     if not isinstance(model, InfiniteTalkDiT):
         raise TypeError(f"make_fast needs an InfiniteTalkDiT, got {type(model).__name__}")
     model.attention = sdpa_attention
+    model.self_attention = None
+    if options.fp8_attention:
+        from .fp8_attention import CudnnFp8Attention, fp8_attention_supported
+
+        if fp8_attention_supported(model.device):
+            model.self_attention = CudnnFp8Attention(fallback=sdpa_attention)
+        else:
+            log.warning(
+                "fp8 attention needs a CUDA GPU of compute capability >= 9.0 and the cuDNN frontend "
+                "(pip install 'infinitetalk[fp8]'); the self-attention stays in %s.", model.dtype
+            )
     model.sdpa_backends = PreferredSdpa(options.sdpa_backends) if options.sdpa_backends else None
     model.rope_table = RopeCache() if options.rope == "float32" else rope_table_3d
     model.routing_map = sdpa_attention_map if options.routing_map == "fused" else reference_attention_map
@@ -123,6 +144,12 @@ def make_fast(model: InfiniteTalkDiT, options: FastOptions = FastOptions()) -> I
         from .fp8 import is_dit_fp8_layer, quantize_module
 
         quantize_module(model, lambda name, _m: is_dit_fp8_layer(name), use_fast_accum=options.fp8_fast_accum)
+    from .fp8 import Fp8Linear
+
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):  # also the layers loaded in fp8
+            module.use_fast_accum = options.fp8_fast_accum
+    model.ffn_chunks = int(options.ffn_chunks)
     if options.compile_blocks:
         for block in model.blocks:
             if getattr(block, "_compiled_call_impl", None) is None:

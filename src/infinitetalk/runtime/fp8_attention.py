@@ -1,0 +1,246 @@
+"""fp8 (e4m3) self-attention: per-tensor scaled q, k, v through cuDNN's fp8 SDPA (Hopper and later).
+
+At 480p the DiT's self-attention (33,600 tokens, 40 heads of 128) is half of a forward's
+FLOPs; in bf16 it runs at ~590 TFLOP/s on an H100 (cuDNN), in fp8 the tensor cores double
+their rate. torch's `scaled_dot_product_attention` has no fp8 path, so this module builds the
+attention as a cuDNN graph through the cuDNN frontend's Python API (`pip install
+nvidia-cudnn-frontend`, the optional `fp8` extra), one graph per input shape, kept by the
+`CudnnFp8Attention` object that a fast path owns (no module-level cache).
+
+What is computed (and what `emulate_fp8_attention` reproduces on any device):
+1. k loses its mean over the tokens (`smooth_keys`, exact for softmax attention); then q, k
+   and v are quantised per tensor: x8 = e4m3(x * 448 / max|x|), descale = max|x| / 448.
+2. cuDNN computes s = q8 k8^T * descale_q * descale_k / sqrt(D) in float32, the row
+   maximum m, p = exp(s - m) in [0, 1], quantises p to e4m3 with scale 448 (descale 1/448),
+   multiplies by v8 with float32 accumulation, divides by the row sum of p and writes the
+   output in e4m3 with `scale_o`.
+3. The output scale is known without a reduction: every output row is a convex combination
+   of v's rows, so |o| <= max|v|; `scale_o = 448 / (max|v| * 1.125)` leaves room for the
+   rounding of p (each p rounds by at most 1/16, so sum p v can exceed max|v| by 6.25%).
+4. The caller gets o in bf16 (o8 / scale_o).
+
+Only the self-attention uses it (`InfiniteTalkDiT.self_attention`); the cross-attention
+calls (512 text keys, 257 image keys, 32 audio tokens a frame) stay in bf16: they are ~1%
+of the FLOPs. Inputs the cuDNN graph cannot take (CPU tensors, a GPU below compute
+capability 9.0, a head size other than 64/128, a graph cuDNN refuses) go to the bf16
+`fallback` attention, logged once per shape.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..models.attention import AttentionFn, sdpa_attention
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# p in [0, 1] is stored as p * P_SCALE in e4m3.
+P_SCALE = FP8_MAX
+# o8 = o * 448 / (max|v| * O_MARGIN): room for the rounding of p (see the module docstring).
+O_MARGIN = 1.125
+_MIN_AMAX = 1e-12
+
+
+def cudnn_frontend_available() -> bool:
+    """True when the cuDNN frontend's Python package (`import cudnn`) can be imported."""
+    try:
+        import cudnn  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def fp8_attention_supported(device: torch.device | str) -> bool:
+    """True when `CudnnFp8Attention` can run on `device`: CUDA, compute capability >= 9.0, frontend installed."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    return cudnn_frontend_available()
+
+
+def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x -> (e4m3 x * 448 / max|x|, descale [1, 1, 1, 1] float32, amax [1, 1, 1, 1] float32)."""
+    amax = x.abs().amax().float().clamp(min=_MIN_AMAX).reshape(1, 1, 1, 1)
+    x8 = (x.float() * (FP8_MAX / amax)).to(FP8)
+    return x8, amax / FP8_MAX, amax
+
+
+def smooth_keys(k: torch.Tensor) -> torch.Tensor:
+    """k minus its mean over the tokens (per sample, head and channel), in float32.
+
+    Exact for attention: q.(k_j - m) = q.k_j - q.m, and q.m is the same for every key j of a
+    query, which the softmax cancels. It removes the component all keys share (large in
+    trained models, SageAttention's observation), so the per-tensor fp8 scale of k fits the
+    part that differs between keys.
+    """
+    kf = k.float()
+    return kf - kf.mean(dim=1, keepdim=True)
+
+
+def emulate_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What the fp8 kernel computes, in float32 with explicit e4m3 roundings (any device).
+
+    q, k, v [B, L, H, D] -> [B, Lq, H, D] in v's dtype. Used by the CPU tests to measure the
+    fp8 error, and on the GPU to check the cuDNN graph against it.
+    """
+    q8, dq, _ = quantize_per_tensor(q)
+    k8, dk, _ = quantize_per_tensor(smooth_keys(k))
+    v8, dv, amax_v = quantize_per_tensor(v)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qf = q8.float().transpose(1, 2) * dq.reshape(1)  # [B, H, L, D]
+    kf = k8.float().transpose(1, 2) * dk.reshape(1)
+    vf = v8.float().transpose(1, 2)
+    s = (qf @ kf.transpose(-2, -1)) * scale
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p8 = (p * P_SCALE).to(FP8).float()
+    o = (p8 @ vf) / (p.sum(-1, keepdim=True) * P_SCALE) * dv.reshape(1)
+    scale_o = FP8_MAX / (amax_v.reshape(1) * O_MARGIN)
+    o8 = (o * scale_o).to(FP8).float() / scale_o
+    return o8.transpose(1, 2).to(v.dtype)
+
+
+@dataclass
+class _Plan:
+    graph: Any
+    tensors: dict
+    workspace: torch.Tensor
+    amax: torch.Tensor  # [2, 1, 1, 1, 1] float32: amax_s and amax_o outputs (unused)
+    out_dtype: torch.dtype  # bf16 where cuDNN writes bf16 (then scale_o is 1), else e4m3
+
+
+class CudnnFp8Attention:
+    """An `AttentionFn` running fp8 attention through a cuDNN graph; bf16 `fallback` otherwise.
+
+    q, k, v [B, L, H, D] (q and k may be float32 after RoPE, v bf16) -> [B, Lq, H, D] in v's dtype.
+    One cuDNN graph is built per (shape, device) on first use and kept by this object.
+    """
+
+    def __init__(self, fallback: AttentionFn = sdpa_attention):
+        self.fallback = fallback
+        self._plans: dict[tuple, Optional[_Plan]] = {}
+        self._handles: dict[int, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"CudnnFp8Attention({len(self._plans)} graphs, fallback={getattr(self.fallback, '__name__', self.fallback)})"
+
+    def usable(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        return (
+            q.is_cuda
+            and q.shape[-1] in (64, 128)
+            and q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and fp8_attention_supported(q.device)
+        )
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.usable(q, k, v):
+            return self.fallback(q, k, v)
+        q8, dq, _ = quantize_per_tensor(q)
+        k8, dk, _ = quantize_per_tensor(smooth_keys(k))
+        v8, dv, amax_v = quantize_per_tensor(v)
+        scale_o = FP8_MAX / (amax_v * O_MARGIN)
+        out = self._run(q8, k8, v8, dq, dk, dv, scale_o)
+        if out is None:
+            return self.fallback(q, k, v)
+        if out.dtype == FP8:
+            return (out.float() / scale_o.reshape(1)).to(v.dtype)
+        return out.to(v.dtype)
+
+    @torch.compiler.disable
+    def _run(self, q8, k8, v8, dq, dk, dv, scale_o) -> Optional[torch.Tensor]:
+        """Execute the cached cuDNN graph for these shapes; None when cuDNN refuses the graph."""
+        key = (tuple(q8.shape), tuple(k8.shape), q8.device.index)
+        if key not in self._plans:
+            self._plans[key] = self._build(q8, k8)
+        plan = self._plans[key]
+        if plan is None:
+            return None
+        import cudnn
+
+        handle = self._handle(q8.device)
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
+        b, lq, h, d = q8.shape
+        out = torch.empty(b, lq, h, d, dtype=plan.out_dtype, device=q8.device)
+        if plan.out_dtype != FP8:
+            scale_o = self._const(q8.device, 1.0, plan)
+        t = plan.tensors
+        pack = {
+            t["q"]: q8, t["k"]: k8, t["v"]: v8.contiguous(), t["o"]: out,
+            t["dq"]: dq, t["dk"]: dk, t["dv"]: dv, t["ds"]: self._const(q8.device, 1.0 / P_SCALE, plan),
+            t["ss"]: self._const(q8.device, P_SCALE, plan), t["so"]: scale_o,
+            t["amax_s"]: plan.amax[0], t["amax_o"]: plan.amax[1],
+        }
+        plan.graph.execute(pack, plan.workspace, handle=handle)
+        return out
+
+    def _const(self, device: torch.device, value: float, plan: _Plan) -> torch.Tensor:
+        name = f"const_{value}"
+        if name not in plan.tensors:
+            plan.tensors[name] = torch.full((1, 1, 1, 1), value, dtype=torch.float32, device=device)
+        return plan.tensors[name]
+
+    def _handle(self, device: torch.device):
+        import cudnn
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._handles:
+            with torch.cuda.device(index):
+                self._handles[index] = cudnn.create_handle()
+        return self._handles[index]
+
+    def _build(self, q8: torch.Tensor, k8: torch.Tensor) -> Optional[_Plan]:
+        """The cuDNN graph for these shapes: bf16 output where cuDNN offers it, else e4m3 output."""
+        errors = []
+        for out_bf16 in (True, False):
+            try:
+                return self._build_graph(q8, k8, out_bf16)
+            except Exception as exc:  # cuDNN reports unsupported graphs with several exception types
+                errors.append(f"{'bf16' if out_bf16 else 'fp8'} output: {exc}")
+        log.warning("cuDNN fp8 attention is not available for q %s, k %s (%s); using bf16 attention.",
+                    tuple(q8.shape), tuple(k8.shape), "; ".join(errors))
+        return None
+
+    def _build_graph(self, q8: torch.Tensor, k8: torch.Tensor, out_bf16: bool) -> _Plan:
+        import cudnn
+
+        b, lq, h, d = q8.shape
+        lk = k8.shape[1]
+        fp8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        handle = self._handle(q8.device)
+        graph = cudnn.pygraph(io_data_type=fp8, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+
+        def bshd(name, length):  # dims (b, h, s, d) over a [B, S, H, D] buffer
+            return graph.tensor(name=name, dim=[b, h, length, d], stride=[length * h * d, d, h * d, 1], data_type=fp8)
+
+        def scalar(name):
+            return graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+
+        tq, tk, tv = bshd("q", lq), bshd("k", lk), bshd("v", lk)
+        dq, dk, dv, ds, ss, so = (scalar(n) for n in ("dq", "dk", "dv", "ds", "ss", "so"))
+        o, _stats, amax_s, amax_o = graph.sdpa_fp8(
+            q=tq, k=tk, v=tv, descale_q=dq, descale_k=dk, descale_v=dv, descale_s=ds, scale_s=ss,
+            scale_o=so, is_inference=True, attn_scale=1.0 / math.sqrt(d), use_causal_mask=False, name="sdpa_fp8",
+        )
+        o.set_output(True).set_dim([b, h, lq, d]).set_stride([lq * h * d, d, h * d, 1])
+        o.set_data_type(cudnn.data_type.BFLOAT16 if out_bf16 else fp8)
+        for a in (amax_s, amax_o):
+            a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        workspace = torch.empty(max(1, graph.get_workspace_size()), dtype=torch.uint8, device=q8.device)
+        amax = torch.zeros(2, 1, 1, 1, 1, dtype=torch.float32, device=q8.device)
+        tensors = {"q": tq, "k": tk, "v": tv, "o": o, "dq": dq, "dk": dk, "dv": dv, "ds": ds, "ss": ss, "so": so,
+                   "amax_s": amax_s, "amax_o": amax_o}
+        log.info("cuDNN fp8 attention graph built for q %s, k %s (%s output)", tuple(q8.shape), tuple(k8.shape),
+                 "bf16" if out_bf16 else "e4m3")
+        return _Plan(graph, tensors, workspace, amax, torch.bfloat16 if out_bf16 else FP8)
