@@ -258,19 +258,23 @@ def run(args) -> dict:
     if phases & {"fast", "guidance", "fp8"}:
         make_fast(model, FastOptions(compile_blocks=not args.no_compile, compile_mode=args.compile_mode))
 
-    def fast_phase(label: str, spk=speakers):
+    def fast_phase(label: str, spk=speakers, cache: bool = True):
         for s in sizes:
             for n in spk:
                 inp = inputs[(s, n)]
-                with torch.inference_mode():
-                    cached = model.precompute_conditions([inp["context"]], inp["clip_fea"], inp["audio"][None])
+                cached = None
+                if cache:
+                    with torch.inference_mode():
+                        cached = model.precompute_conditions([inp["context"]], inp["clip_fea"], inp["audio"][None])
                 key = f"{label}_forward_{s}p_{n}spk"
                 bench.measure(key, bench.forward_fn(model, inp, cached=cached), w, r, keep_output=(s == args.sizes[0]),
-                              conditions_gb=round(cached.nbytes() / 1e9, 3))
+                              conditions_gb=round(cached.nbytes() / 1e9, 3) if cached is not None else 0.0)
                 del cached
 
     if "fast" in phases:
         fast_phase("bf16")
+    if "nocache" in phases:  # text/CLIP/audio keys and values computed in every forward (no cached conditions)
+        fast_phase("bf16_nocache", cache=False)
     if "fastbhld" in phases:  # the same fast path, SDPA on contiguous [B, H, L, D] copies
         from infinitetalk.models.attention import sdpa_attention, sdpa_attention_bhld
 
@@ -302,7 +306,7 @@ def run(args) -> dict:
             bench.measure(f"bf16_guidance3_batched_{s}p_1spk", lambda: guided.predict(inp["x"], inp["t"]), w, r,
                           conditions_gb=round(guided.conditions_nbytes() / 1e9, 3), branches=list(branches))
             del guided
-    def reconfigure(label: str, spk, **options):
+    def reconfigure(label: str, spk, cache: bool = True, **options):
         """Re-apply the fast path with other options (fresh compilation) and time it."""
         try:
             torch._dynamo.reset()
@@ -311,7 +315,7 @@ def run(args) -> dict:
                 res["weights_fp8_gb"] = round(
                     sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
                     + sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9, 2)
-            fast_phase(label, spk)
+            fast_phase(label, spk, cache)
         except Exception as exc:
             traceback.print_exc()
             res["errors"][label] = f"{type(exc).__name__}: {exc}"
@@ -337,6 +341,8 @@ def run(args) -> dict:
         reconfigure("fp8attn", fp8_spk, fp8=True, fp8_attention=True)
     if "fp8attnfa" in phases:  # ... plus fast accumulation in the fp8 GEMMs, FFN in 4 chunks
         reconfigure("fp8attnfa", fp8_spk, fp8=True, fp8_attention=True, fp8_fast_accum=True, ffn_chunks=4)
+    if "fp8attnfanc" in phases:  # ... without cached conditions
+        reconfigure("fp8attnfa_nocache", fp8_spk, cache=False, fp8=True, fp8_attention=True, fp8_fast_accum=True)
     if "profile" in phases and device.type == "cuda":  # kernel time breakdown of the last configuration
         s = args.sizes[0]
         inp = inputs[(s, 1)]
@@ -362,7 +368,8 @@ def run(args) -> dict:
     s0 = args.sizes[0]
     for n in speakers:
         base = bench.outputs.get(f"baseline_bf16_{s0}p_{n}spk")
-        for label in ("bf16", "fp8", "bf16_ffn4", "bf16_attn8", "fp8attn", "fp8attnfa"):
+        for label in ("bf16", "fp8", "bf16_ffn4", "bf16_attn8", "fp8attn", "fp8attnfa", "bf16_nocache",
+                      "fp8attnfa_nocache"):
             out = bench.outputs.get(f"{label}_forward_{s0}p_{n}spk")
             if base is not None and out is not None:
                 res["accuracy"][f"{label}_fast_vs_baseline_{s0}p_{n}spk"] = rel_err(out, base)
@@ -370,9 +377,11 @@ def run(args) -> dict:
         if refmap is not None and bench.outputs.get(f"bf16_forward_{s0}p_{n}spk") is not None:
             res["accuracy"][f"bf16_fused_vs_reference_map_{s0}p_{n}spk"] = rel_err(
                 bench.outputs[f"bf16_forward_{s0}p_{n}spk"], refmap)
-        b16, f8 = bench.outputs.get(f"bf16_forward_{s0}p_{n}spk"), bench.outputs.get(f"fp8_forward_{s0}p_{n}spk")
-        if b16 is not None and f8 is not None:
-            res["accuracy"][f"fp8_vs_bf16_fast_{s0}p_{n}spk"] = rel_err(f8, b16)
+        b16 = bench.outputs.get(f"bf16_forward_{s0}p_{n}spk")
+        for label in ("fp8", "fp8attn", "fp8attnfa", "bf16_attn8", "bf16_nocache"):
+            other = bench.outputs.get(f"{label}_forward_{s0}p_{n}spk")
+            if b16 is not None and other is not None:
+                res["accuracy"][f"{label}_vs_bf16_fast_{s0}p_{n}spk"] = rel_err(other, b16)
 
     summarize(res, cfg, sizes, args.frames, weights_gb)
     bench.save()

@@ -3,6 +3,7 @@ conditioning and motion frames, the sampler with guidance over the DiT, VAE deco
 correction, frames to the host), with random weights of the real model sizes on the GPU.
 
     python benchmarks/bench_window.py --out $OUT/window.json            # preset fast, bf16 and fp8
+    python benchmarks/bench_window.py --variants bf16,fp8,fp8x          # fp8x: + fp8 attention, fast accumulation
     python benchmarks/bench_window.py --tiny --device cpu                # CPU check of the script
 
 It runs the same functions as `InfiniteTalk._run` (generation.conditioning, runtime.fast.GuidedDiT,
@@ -78,7 +79,16 @@ def run_window(parts, cfg, cond, motion_frames, first, generator, device):
 parts_cache: dict = {}
 
 
-def bench(args, fp8: bool, device) -> dict:
+VARIANTS = {
+    "bf16": {},
+    "fp8": {"fp8": True},  # fp8 block linears
+    "fp8x": {"fp8": True, "fp8_attention": True, "fp8_fast_accum": True},  # + fp8 self-attention, fast accumulation
+    "bf16attn8": {"fp8_attention": True},
+}
+
+
+def bench(args, variant: str, device) -> dict:
+    options = VARIANTS[variant]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tiny:
         from infinitetalk.runtime.tiny_models import TinyConfigs
@@ -90,7 +100,8 @@ def bench(args, fp8: bool, device) -> dict:
         dcfg, vcfg, ccfg = WanDiTConfig.infinitetalk_14b(), WanVAEConfig(), CLIPVisionConfig.vit_h_14()
         size = (args.size, args.size)
     dit = build_random_model(dcfg, device, dtype)
-    make_fast(dit, FastOptions(fp8=fp8, compile_blocks=device.type == "cuda"))
+    torch._dynamo.reset()  # a fresh compilation per variant
+    make_fast(dit, FastOptions(compile_blocks=device.type == "cuda", **options))
     vae_fast = VAEFastOptions() if device.type == "cuda" else None
     vae = _random_module(WanVAE, vcfg, device, dtype, 1)
     clip = _random_module(CLIPVisionEncoder, ccfg, device, torch.float16 if device.type == "cuda" else dtype, 2)
@@ -115,7 +126,7 @@ def bench(args, fp8: bool, device) -> dict:
     out = {k: round(v, 3) for k, v in times.items()}
     out.update(
         preset=args.preset, steps=cfg.sample_steps, branches=list(Guidance.from_config(cfg).branches),
-        fp8=fp8, size=list(size), frames=int(frames.shape[0]),
+        options=options, size=list(size), frames=int(frames.shape[0]),
         peak_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None,
     )
     del dit, vae, clip
@@ -130,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="fast", choices=sorted(PRESETS))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--size", type=int, default=640)
-    ap.add_argument("--variants", default="bf16,fp8")
+    ap.add_argument("--variants", default="bf16,fp8", help=f"comma-separated, from {sorted(VARIANTS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU check of the script)")
     ap.add_argument("--out", default=None)
@@ -144,7 +155,7 @@ def main(argv=None) -> int:
         "measures": {},
     }
     for variant in args.variants.split(","):
-        result["measures"][f"{args.preset}_{variant}"] = bench(args, variant == "fp8", device)
+        result["measures"][f"{args.preset}_{variant}"] = bench(args, variant, device)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\n{'measure':28s} {'first window s':>15s} {'later window s':>15s} {'peak GB':>8s}")

@@ -7,6 +7,8 @@
 #   bash benchmarks/run_device.sh vae          # VAE fp32 vs bf16 fast variants; DiT bf16 fast, both SDPA layouts
 #   bash benchmarks/run_device.sh attn8        # fp8 attention kernels; DiT bf16, FFN chunks, bf16 + fp8 attention
 #   bash benchmarks/run_device.sh fp8attn      # DiT fp8, + fp8 attention, + fast accumulation; kernel profile
+#   bash benchmarks/run_device.sh accuracy     # DiT variants vs the reference path, cached conditions or not
+#   bash benchmarks/run_device.sh window       # one --preset fast window: bf16, fp8, fp8 + fp8 attention
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
 # carry .bench) and the commit in .bench/COMMIT (`git rev-parse HEAD > .bench/COMMIT`), since
@@ -53,6 +55,14 @@ case "$what" in
   fp8attn)  # fp8 linears; + fp8 attention; + fast accumulation and FFN chunks; kernel profile of the last
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --fp8-speakers 1,2 --phases fp8,fp8attn,fp8attnfa,profile \
       --reps 3 --out "$OUT/dit_480p_v4b.json" 2>&1 | tee "$OUT/bench_480p_v4b.log"
+    ;;
+  accuracy)  # every variant against the reference path (1 speaker), with and without cached conditions
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --fp8-speakers 1 \
+      --phases baseline,fast,nocache,fp8,fp8attn,fp8attnfa,fp8attnfanc --reps 2 \
+      --out "$OUT/dit_480p_v4c.json" 2>&1 | tee "$OUT/bench_480p_v4c.log"
+    ;;
+  window)  # one full window with --preset fast: bf16, fp8 linears, fp8 linears + fp8 attention + fast accumulation
+    python3 benchmarks/bench_window.py --variants bf16,fp8,fp8x --out "$OUT/window_v4.json" 2>&1 | tee "$OUT/bench_window_v4.log"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
