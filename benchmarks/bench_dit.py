@@ -258,14 +258,16 @@ def run(args) -> dict:
     if phases & {"fast", "guidance", "fp8"}:
         make_fast(model, FastOptions(compile_blocks=not args.no_compile, compile_mode=args.compile_mode))
 
-    def fast_phase(label: str, spk=speakers, cache: bool = True):
+    def fast_phase(label: str, spk=speakers, cache: str = args.cache):
+        """cache: "context" (the pipeline's default: text/CLIP keys and values cached), "all", "none"."""
         for s in sizes:
             for n in spk:
                 inp = inputs[(s, n)]
                 cached = None
-                if cache:
+                if cache != "none":
                     with torch.inference_mode():
-                        cached = model.precompute_conditions([inp["context"]], inp["clip_fea"], inp["audio"][None])
+                        cached = model.precompute_conditions([inp["context"]], inp["clip_fea"], inp["audio"][None],
+                                                             audio_kv=(cache == "all"))
                 key = f"{label}_forward_{s}p_{n}spk"
                 bench.measure(key, bench.forward_fn(model, inp, cached=cached), w, r, keep_output=(s == args.sizes[0]),
                               conditions_gb=round(cached.nbytes() / 1e9, 3) if cached is not None else 0.0)
@@ -274,7 +276,7 @@ def run(args) -> dict:
     if "fast" in phases:
         fast_phase("bf16")
     if "nocache" in phases:  # text/CLIP/audio keys and values computed in every forward (no cached conditions)
-        fast_phase("bf16_nocache", cache=False)
+        fast_phase("bf16_nocache", cache="none")
     if "fastbhld" in phases:  # the same fast path, SDPA on contiguous [B, H, L, D] copies
         from infinitetalk.models.attention import sdpa_attention, sdpa_attention_bhld
 
@@ -306,7 +308,7 @@ def run(args) -> dict:
             bench.measure(f"bf16_guidance3_batched_{s}p_1spk", lambda: guided.predict(inp["x"], inp["t"]), w, r,
                           conditions_gb=round(guided.conditions_nbytes() / 1e9, 3), branches=list(branches))
             del guided
-    def reconfigure(label: str, spk, cache: bool = True, **options):
+    def reconfigure(label: str, spk, cache: str = args.cache, **options):
         """Re-apply the fast path with other options (fresh compilation) and time it."""
         try:
             torch._dynamo.reset()
@@ -342,7 +344,9 @@ def run(args) -> dict:
     if "fp8attnfa" in phases:  # ... plus fast accumulation in the fp8 GEMMs, FFN in 4 chunks
         reconfigure("fp8attnfa", fp8_spk, fp8=True, fp8_attention=True, fp8_fast_accum=True, ffn_chunks=4)
     if "fp8attnfanc" in phases:  # ... without cached conditions
-        reconfigure("fp8attnfa_nocache", fp8_spk, cache=False, fp8=True, fp8_attention=True, fp8_fast_accum=True)
+        reconfigure("fp8attnfa_nocache", fp8_spk, cache="none", fp8=True, fp8_attention=True, fp8_fast_accum=True)
+    if "fp8x" in phases:  # what --fp8 --fp8-attention runs: fp8 linears (fast accumulation) and fp8 attention
+        reconfigure("fp8x", fp8_spk, fp8=True, fp8_attention=True, fp8_fast_accum=True)
     if "profile" in phases and device.type == "cuda":  # kernel time breakdown of the last configuration
         s = args.sizes[0]
         inp = inputs[(s, 1)]
@@ -369,7 +373,7 @@ def run(args) -> dict:
     for n in speakers:
         base = bench.outputs.get(f"baseline_bf16_{s0}p_{n}spk")
         for label in ("bf16", "fp8", "bf16_ffn4", "bf16_attn8", "fp8attn", "fp8attnfa", "bf16_nocache",
-                      "fp8attnfa_nocache"):
+                      "fp8attnfa_nocache", "fp8x"):
             out = bench.outputs.get(f"{label}_forward_{s0}p_{n}spk")
             if base is not None and out is not None:
                 res["accuracy"][f"{label}_fast_vs_baseline_{s0}p_{n}spk"] = rel_err(out, base)
@@ -378,7 +382,7 @@ def run(args) -> dict:
             res["accuracy"][f"bf16_fused_vs_reference_map_{s0}p_{n}spk"] = rel_err(
                 bench.outputs[f"bf16_forward_{s0}p_{n}spk"], refmap)
         b16 = bench.outputs.get(f"bf16_forward_{s0}p_{n}spk")
-        for label in ("fp8", "fp8attn", "fp8attnfa", "bf16_attn8", "bf16_nocache"):
+        for label in ("fp8", "fp8attn", "fp8attnfa", "bf16_attn8", "bf16_nocache", "fp8x"):
             other = bench.outputs.get(f"{label}_forward_{s0}p_{n}spk")
             if b16 is not None and other is not None:
                 res["accuracy"][f"{label}_vs_bf16_fast_{s0}p_{n}spk"] = rel_err(other, b16)
@@ -462,6 +466,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-720-baseline-2spk", action="store_true")
     p.add_argument("--fp8-speakers", default="1,2", type=lambda s: s.split(","))
     p.add_argument("--commit")
+    p.add_argument("--cache", default="context", choices=("context", "all", "none"),
+                   help="which keys/values the timed forwards get precomputed (default: the pipeline's 'context')")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     for name in ("cache_size_limit", "recompile_limit"):  # one compiled graph per shape / speaker count / dtype

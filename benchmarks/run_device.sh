@@ -8,6 +8,7 @@
 #   bash benchmarks/run_device.sh attn8        # fp8 attention kernels; DiT bf16, FFN chunks, bf16 + fp8 attention
 #   bash benchmarks/run_device.sh fp8attn      # DiT fp8, + fp8 attention, + fast accumulation; kernel profile
 #   bash benchmarks/run_device.sh accuracy     # DiT variants vs the reference path, cached conditions or not
+#   bash benchmarks/run_device.sh v5           # GPU tests; DiT bf16 / bf16 + fp8 attention / fp8 / fp8 + fp8 attention
 #   bash benchmarks/run_device.sh window       # one --preset fast window: bf16, fp8, fp8 + fp8 attention
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
@@ -61,8 +62,14 @@ case "$what" in
       --phases baseline,fast,nocache,fp8,fp8attn,fp8attnfa,fp8attnfanc --reps 2 \
       --out "$OUT/dit_480p_v4c.json" 2>&1 | tee "$OUT/bench_480p_v4c.log"
     ;;
-  window)  # one full window with --preset fast: bf16, fp8 linears, fp8 linears + fp8 attention + fast accumulation
-    python3 benchmarks/bench_window.py --variants bf16,fp8,fp8x --out "$OUT/window_v4.json" 2>&1 | tee "$OUT/bench_window_v4.log"
+  window)  # one full window with --preset fast: bf16; fp8 linears (fast accumulation) + fp8 attention
+    python3 benchmarks/bench_window.py --variants bf16,fp8x --out "$OUT/window_v4.json" 2>&1 | tee "$OUT/bench_window_v4.log"
+    ;;
+  v5)  # GPU tests (fast path, fp8 attention); DiT forwards as the pipeline runs them (cached text/CLIP only)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_path.py tests/test_fp8_attention.py -s 2>&1 \
+      | grep -E "passed|failed|error|\[parity\]|\[fp8" | tee "$OUT/gpu_tests_v5.log"
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases fast,bf16attn8,fp8,fp8x \
+      --reps 3 --out "$OUT/dit_480p_v5.json" 2>&1 | tee "$OUT/bench_480p_v5.log"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

@@ -79,6 +79,10 @@ def test_fast_options_validate():
         FastOptions(rope="float16")
     with pytest.raises(ValueError):
         FastOptions(sdpa_backends=("cudnn", "warp"))
+    with pytest.raises(ValueError):
+        FastOptions(cache_conditions="some")
+    with pytest.raises(ValueError):
+        FastOptions(ffn_chunks=0)
     assert FastOptions.reference().compile_blocks is False
     assert FastOptions.for_device("cpu").compile_blocks is False
 
@@ -157,6 +161,43 @@ def test_cached_and_batched_guidance_match_fixtures_float32(model_f32, parity_di
         _check_branches(f"guided_f32/{name}", fast, tensors, 1e-4)
         for branch in ALL_BRANCHES:
             report(f"guided_vs_plain/{name}/{branch}", fast[branch], plain[branch], rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["context", "all"])
+def test_cache_modes_equal_plain_calls(model_f32, parity_dir, mode):
+    """Cached text/CLIP keys and values (shared between branches with the same prompt), with or
+    without cached audio keys and values, give the per-branch plain calls' outputs."""
+    for name, tensors in _cases(parity_dir):
+        with torch.inference_mode():
+            guided = _guided(model_f32, tensors, "cpu", cache_conditions=mode)
+            fast = guided.predict(tensors["x"], tensors["t"])
+            plain = _guided(model_f32, tensors, "cpu", cache_conditions="none").predict(tensors["x"], tensors["t"])
+            one = model_f32.precompute_conditions(
+                [tensors["context"]], tensors["clip_fea"], tensors["audio"][None], audio_kv=(mode == "all")
+            )
+        for branch in ALL_BRANCHES:
+            report(f"cache_{mode}/{name}/{branch}", fast[branch], plain[branch], rel_tol=1e-5)
+        if mode == "context":
+            # 4 branches, 2 distinct prompts: two sets of text/CLIP keys and values, audio tokens per
+            # branch (the branches without audio have one zero stream instead of `speakers`)
+            tokens = one.audio_tokens.numel() * one.audio_tokens.element_size()
+            speakers = tensors["audio"].shape[0]
+            assert guided.conditions_nbytes() == 2 * (one.nbytes() - tokens) + 2 * tokens + 2 * tokens // speakers
+        else:
+            assert one.audio_kv is not None and one.audio_tokens is None
+
+
+def test_ffn_chunks_are_exact(model_f32, parity_dir):
+    name, tensors = _cases(parity_dir)[0]
+    try:
+        with torch.inference_mode():
+            whole = _guided(model_f32, tensors, "cpu").predict(tensors["x"], tensors["t"])
+            model_f32.ffn_chunks = 3
+            chunked = _guided(model_f32, tensors, "cpu").predict(tensors["x"], tensors["t"])
+    finally:
+        model_f32.ffn_chunks = 1
+    for branch in ALL_BRANCHES:
+        report(f"ffn_chunks/{name}/{branch}", chunked[branch], whole[branch], rel_tol=1e-6)
 
 
 def test_fast_bf16_within_2e2_of_float32_fixtures(parity_dir):

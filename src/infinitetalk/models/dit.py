@@ -385,19 +385,26 @@ class DiTConditions:
 
     context_kv[i]: block i's text/CLIP (k, v, k_img, v_img), each [B, Lc, H, D];
     audio_kv[i]: block i's audio (k, v), each [B*T, speakers*context_tokens, H, D] (keys already
-    rotated for two speakers). They depend on the prompt, the CLIP features and the audio only,
-    never on the noisy latent or the timestep, so all sampling steps of a window share them.
+    rotated for two speakers), or None: then `audio_tokens` [B, T, speakers*context_tokens,
+    audio_dim] are kept (about 1 MB) and each forward computes the audio keys and values
+    (~0.4 TFLOP, against 0.55 GB per sample held for the window).
+    They depend on the prompt, the CLIP features and the audio only, never on the noisy latent
+    or the timestep, so all sampling steps of a window share them.
     """
 
     batch: int
     speakers: int
     frames: int
     context_kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    audio_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    audio_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    audio_tokens: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         """Device memory held by the cached tensors."""
-        return sum(t.numel() * t.element_size() for kv in (*self.context_kv, *self.audio_kv) for t in kv)
+        tensors = [t for kv in (*self.context_kv, *(self.audio_kv or ())) for t in kv]
+        if self.audio_tokens is not None:
+            tensors.append(self.audio_tokens)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class InfiniteTalkDiT(nn.Module):
@@ -537,24 +544,38 @@ class InfiniteTalkDiT(nn.Module):
         context: torch.Tensor | Sequence[torch.Tensor],
         clip_fea: torch.Tensor,
         audio: torch.Tensor,
+        *,
+        audio_kv: bool = True,
+        reuse_context_kv: DiTConditions | None = None,
     ) -> DiTConditions:
         """Every block's text/CLIP and audio keys and values for a batch of B condition sets.
 
         Inputs as in `forward` (B = len(context)). The result replaces context, clip_fea and
-        audio in `forward(x, t, y=y, conditions=...)` for every step of the window; it holds
-        about (257 + text_len + T*speakers*context_tokens) * 2 * dim values per block and sample
-        (0.6 GB per sample for the 14B model in bf16).
+        audio in `forward(x, t, y=y, conditions=...)` for every step of the window. It holds
+        (257 + text_len) * 2 * dim values per block and sample for text/CLIP (0.63 GB per sample
+        for the 14B model in bf16) plus, with `audio_kv`, T * speakers * context_tokens * 2 * dim
+        for the audio (0.55 GB per speaker); without `audio_kv` only the audio tokens are kept and
+        every forward computes the audio keys and values. `reuse_context_kv`: conditions made
+        from the same prompt and CLIP features, whose text/CLIP keys and values are shared
+        (not copied) instead of computed again.
         """
         batch = self._batch_of(context)
         if audio.dim() < 3:
             raise InputError(f"audio must be [B, speakers, frames, ...]; got {tuple(audio.shape)}.")
         frames = (audio.shape[2] - 1) // self.config.vae_scale + 1
         with self._kernel_context():
-            context_tokens = self._context_tokens(context, clip_fea, batch)
+            if reuse_context_kv is not None:
+                if reuse_context_kv.batch != batch:
+                    raise InputError(f"reuse_context_kv holds {reuse_context_kv.batch} samples, not {batch}.")
+                context_kv = reuse_context_kv.context_kv
+            else:
+                context_tokens = self._context_tokens(context, clip_fea, batch)
+                context_kv = [block.cross_attn.context_kv(context_tokens) for block in self.blocks]
             audio_tokens, speakers = self._audio_tokens(audio, batch, frames)
-            context_kv = [block.cross_attn.context_kv(context_tokens) for block in self.blocks]
-            audio_kv = [block.audio_cross_attn.audio_kv(audio_tokens, speakers == 2) for block in self.blocks]
-        return DiTConditions(batch, speakers, frames, context_kv, audio_kv)
+            if not audio_kv:
+                return DiTConditions(batch, speakers, frames, context_kv, None, audio_tokens)
+            kv = [block.audio_cross_attn.audio_kv(audio_tokens, speakers == 2) for block in self.blocks]
+        return DiTConditions(batch, speakers, frames, context_kv, kv)
 
     def _kernel_context(self):
         return self.sdpa_backends.context() if self.sdpa_backends is not None else contextlib.nullcontext()
@@ -653,7 +674,11 @@ class InfiniteTalkDiT(nn.Module):
                 context_kv = block.cross_attn.context_kv(context_tokens)
                 audio_kv = block.audio_cross_attn.audio_kv(audio_tokens, speakers == 2)
             else:
-                context_kv, audio_kv = conditions.context_kv[i], conditions.audio_kv[i]
+                context_kv = conditions.context_kv[i]
+                if conditions.audio_kv is not None:
+                    audio_kv = conditions.audio_kv[i]
+                else:
+                    audio_kv = block.audio_cross_attn.audio_kv(conditions.audio_tokens, speakers == 2)
             tokens = block(
                 tokens, e0, rope, context_kv, audio_kv, grid, self.attention, ref_masks, self.routing_map,
                 self.self_attention, self.ffn_chunks,

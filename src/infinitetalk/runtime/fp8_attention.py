@@ -142,6 +142,9 @@ class CudnnFp8Attention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.usable(q, k, v):
             return self.fallback(q, k, v)
+        # q and k arrive in float32 from the RoPE; the bf16 path rounds them to bf16 too, and
+        # bf16 copies keep the float32 [L, H, D] tensors out of memory while the scales reduce.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         q8, dq, _ = quantize_per_tensor(q)
         k8, dk, _ = quantize_per_tensor(smooth_keys(k))
         v8, dv, amax_v = quantize_per_tensor(v)

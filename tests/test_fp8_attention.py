@@ -1,0 +1,123 @@
+"""fp8 self-attention: the exact key smoothing, the per-tensor quantisation, the emulation of
+the cuDNN fp8 kernel against float32 attention, the bf16 fallback, and (GPU, Hopper, cuDNN
+frontend installed) the cuDNN graph against its emulation and inside the DiT fast path."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infinitetalk.models.attention import sdpa_attention
+from infinitetalk.runtime.fast import FastOptions, make_fast
+from infinitetalk.runtime.fp8_attention import (
+    FP8_MAX,
+    CudnnFp8Attention,
+    emulate_fp8_attention,
+    fp8_attention_supported,
+    quantize_per_tensor,
+    smooth_keys,
+)
+
+
+def _qkv(length=256, heads=4, dim=64, peak=1.0, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, length, heads, dim, generator=g) * peak
+    k = torch.randn(1, length, heads, dim, generator=g) * peak + shift
+    v = torch.randn(1, length, heads, dim, generator=g)
+    return q, k, v
+
+
+def _attention_f32(q, k, v):
+    out = F.scaled_dot_product_attention(q.double().transpose(1, 2), k.double().transpose(1, 2), v.double().transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_key_smoothing_is_exact():
+    q, k, v = _qkv(shift=3.0)
+    smoothed = smooth_keys(k)
+    assert smoothed.mean(dim=1).abs().max() < 1e-5
+    assert _rel_l2(_attention_f32(q, smoothed, v), _attention_f32(q, k, v)) < 1e-6
+
+
+def test_per_tensor_quantisation():
+    x = torch.randn(2, 50, 3, 16) * 7
+    x8, descale, amax = quantize_per_tensor(x)
+    assert x8.dtype == torch.float8_e4m3fn
+    assert amax.item() == pytest.approx(x.abs().max().item())
+    assert x8.float().abs().max().item() == pytest.approx(FP8_MAX)
+    back = x8.float() * descale.reshape(1)
+    big = x.abs() > amax.item() / 64  # normal e4m3 range: relative error <= 2^-4
+    assert ((back - x).abs()[big] / x.abs()[big]).max() <= 1 / 16 + 1e-6
+
+
+@pytest.mark.parametrize("peak,bound", [(1.0, 0.08), (2.0, 0.15)])
+def test_emulation_error_against_float32(peak, bound):
+    """e4m3 q, k, p, v and o: a few % relative L2 on flat attention, more on peaked attention
+    (the q.k error grows with the logits). The error is real (not a bf16 copy): > 1%."""
+    q, k, v = _qkv(peak=peak, shift=0.5)
+    err = _rel_l2(emulate_fp8_attention(q, k, v), _attention_f32(q, k, v))
+    print(f"[fp8 attention] peak {peak}: emulation rel L2 {err:.4f}")
+    assert 0.01 < err < bound
+
+
+def test_fallback_on_the_cpu_is_the_bf16_attention():
+    q, k, v = _qkv()
+    attn = CudnnFp8Attention(fallback=sdpa_attention)
+    assert not attn.usable(q, k, v)
+    assert torch.equal(attn(q, k, v), sdpa_attention(q, k, v))
+
+
+def test_make_fast_without_support_keeps_bf16_attention(caplog):
+    from infinitetalk.runtime.tiny_models import build_tiny_models
+
+    dit = build_tiny_models(0, torch.device("cpu"), torch.float32).dit
+    with caplog.at_level("WARNING"):
+        make_fast(dit, FastOptions.for_device("cpu", fp8_attention=True))
+    assert dit.self_attention is None
+    assert "fp8 attention needs" in caplog.text
+
+
+needs_fp8_attention = pytest.mark.skipif(
+    not fp8_attention_supported("cuda"), reason="needs CUDA compute capability >= 9.0 and the cuDNN frontend"
+)
+
+
+@pytest.mark.gpu
+@needs_fp8_attention
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_cudnn_graph_matches_emulation(dim):
+    q, k, v = (t.cuda() for t in _qkv(length=1024, heads=4, dim=dim, shift=0.5))
+    v = v.bfloat16()
+    attn = CudnnFp8Attention()
+    got = attn(q, k, v)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    want = emulate_fp8_attention(q.bfloat16(), k.bfloat16(), v)
+    err = _rel_l2(got.float(), want.float())
+    print(f"[fp8 attention] cuDNN vs emulation, head dim {dim}: rel L2 {err:.4f}")
+    assert err < 0.05
+    assert _rel_l2(got.float(), _attention_f32(q, k, v.float()).float()) < 0.08
+    assert len(attn._plans) == 1  # built once, reused
+    attn(q, k, v)
+    assert len(attn._plans) == 1
+
+
+@pytest.mark.gpu
+@needs_fp8_attention
+def test_gpu_fp8_attention_in_compiled_block():
+    """A compiled function around the attention (graph break at the cuDNN call) equals eager."""
+    q, k, v = (t.cuda() for t in _qkv(length=512, heads=2, dim=128))
+    v = v.bfloat16()
+    attn = CudnnFp8Attention()
+
+    def f(q, k, v):
+        return attn(q * 1.5, k, v).float() * 2
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f)(q, k, v), f(q, k, v))
+    assert math.isfinite(f(q, k, v).abs().max().item())
