@@ -9,6 +9,7 @@
 #   bash benchmarks/run_device.sh fp8attn      # DiT fp8, + fp8 attention, + fast accumulation; kernel profile
 #   bash benchmarks/run_device.sh accuracy     # DiT variants vs the reference path, cached conditions or not
 #   bash benchmarks/run_device.sh v5           # GPU tests; DiT bf16 / bf16 + fp8 attention / fp8 / fp8 + fp8 attention
+#   bash benchmarks/run_device.sh v6           # fp8 attention GPU tests; DiT and window with fp8 attention
 #   bash benchmarks/run_device.sh window       # one --preset fast window: bf16, fp8, fp8 + fp8 attention
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
@@ -70,6 +71,13 @@ case "$what" in
       | grep -E "passed|failed|error|\[parity\]|\[fp8" | tee "$OUT/gpu_tests_v5.log"
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases fast,bf16attn8,fp8,fp8x \
       --reps 3 --out "$OUT/dit_480p_v5.json" 2>&1 | tee "$OUT/bench_480p_v5.log"
+    ;;
+  v6)  # GPU tests of fp8 attention; DiT and window with fp8 attention after the liveness fix
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fp8_attention.py tests/test_fast_path.py 2>&1 \
+      | tail -25 | tee "$OUT/gpu_tests_v6.log"
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --fp8-speakers 1,2 --phases bf16attn8,fp8x \
+      --reps 3 --out "$OUT/dit_480p_v6.json" 2>&1 | tee "$OUT/bench_480p_v6.log"
+    python3 benchmarks/bench_window.py --variants fp8x --out "$OUT/window_v6.json" 2>&1 | tee "$OUT/bench_window_v6.log"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

@@ -242,11 +242,13 @@ class WanSelfAttention(_QKVOAttention):
         v = self.v(x).view(b, length, n, d)
         q = apply_rope_3d(q, rope_table)
         k = apply_rope_3d(k, rope_table)
-        out = self.o(attention(q, k, v).type_as(x).flatten(2))
         ref_map = None
         if ref_masks is not None:
             with torch.no_grad():
                 ref_map = routing_map(q.type_as(x), k.type_as(x), tokens_per_frame, ref_masks)
+        # q, k and v are not used after this call, so an attention that is opaque to torch.compile
+        # (the cuDNN fp8 graph) does not keep the float32 q and k alive across it
+        out = self.o(attention(q, k, v).type_as(x).flatten(2))
         return out, ref_map
 
 

@@ -142,29 +142,32 @@ class CudnnFp8Attention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.usable(q, k, v):
             return self.fallback(q, k, v)
+        dtype = v.dtype
         # q and k arrive in float32 from the RoPE; the bf16 path rounds them to bf16 too, and
         # bf16 copies keep the float32 [L, H, D] tensors out of memory while the scales reduce.
-        q, k = q.to(v.dtype), k.to(v.dtype)
-        q8, dq, _ = quantize_per_tensor(q)
-        k8, dk, _ = quantize_per_tensor(smooth_keys(k))
+        q8, dq, _ = quantize_per_tensor(q.to(dtype))
+        k8, dk, _ = quantize_per_tensor(smooth_keys(k.to(dtype)))
         v8, dv, amax_v = quantize_per_tensor(v)
         scale_o = FP8_MAX / (amax_v * O_MARGIN)
-        out = self._run(q8, k8, v8, dq, dk, dv, scale_o)
-        if out is None:
-            return self.fallback(q, k, v)
+        # Only the fp8 tensors and scales cross the (compiler-opaque) cuDNN call: q, k and v are
+        # not used after it, so a compiled caller does not keep them alive.
+        out = self._run(q8, k8, v8, dq, dk, dv, scale_o, dtype)
         if out.dtype == FP8:
-            return (out.float() / scale_o.reshape(1)).to(v.dtype)
-        return out.to(v.dtype)
+            return (out.float() / scale_o.reshape(1)).to(dtype)
+        return out
 
     @torch.compiler.disable
-    def _run(self, q8, k8, v8, dq, dk, dv, scale_o) -> Optional[torch.Tensor]:
-        """Execute the cached cuDNN graph for these shapes; None when cuDNN refuses the graph."""
+    def _run(self, q8, k8, v8, dq, dk, dv, scale_o, dtype: torch.dtype) -> torch.Tensor:
+        """Execute the cached cuDNN graph for these shapes: e4m3 output (or `dtype` where cuDNN
+        writes it). Where cuDNN refuses the graph: the `fallback` attention on the dequantised
+        inputs, in `dtype`."""
         key = (tuple(q8.shape), tuple(k8.shape), q8.device.index)
         if key not in self._plans:
             self._plans[key] = self._build(q8, k8)
         plan = self._plans[key]
         if plan is None:
-            return None
+            deq = lambda x8, d: (x8.float() * d.reshape(1)).to(dtype)  # noqa: E731
+            return self.fallback(deq(q8, dq), deq(k8, dk), deq(v8, dv))
         import cudnn
 
         handle = self._handle(q8.device)
@@ -181,7 +184,7 @@ class CudnnFp8Attention:
             t["amax_s"]: plan.amax[0], t["amax_o"]: plan.amax[1],
         }
         plan.graph.execute(pack, plan.workspace, handle=handle)
-        return out
+        return out if plan.out_dtype == FP8 else out.to(dtype)
 
     def _const(self, device: torch.device, value: float, plan: _Plan) -> torch.Tensor:
         name = f"const_{value}"
