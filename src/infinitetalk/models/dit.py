@@ -401,12 +401,16 @@ class DiTConditions:
     audio_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     audio_tokens: torch.Tensor | None = None
 
-    def nbytes(self) -> int:
-        """Device memory held by the cached tensors."""
+    def tensors(self) -> list[torch.Tensor]:
+        """Every cached tensor (keys, values, audio tokens)."""
         tensors = [t for kv in (*self.context_kv, *(self.audio_kv or ())) for t in kv]
         if self.audio_tokens is not None:
             tensors.append(self.audio_tokens)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensors
+
+    def nbytes(self) -> int:
+        """Device memory held by the cached tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class InfiniteTalkDiT(nn.Module):

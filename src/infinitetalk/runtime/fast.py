@@ -268,10 +268,7 @@ class GuidedDiT:
             cond = inputs.get("conditions")
             if cond is None:
                 continue
-            tensors = [t for kv in (*cond.context_kv, *(cond.audio_kv or ())) for t in kv]
-            if cond.audio_tokens is not None:
-                tensors.append(cond.audio_tokens)
-            for t in tensors:
+            for t in cond.tensors():
                 if id(t) not in seen:
                     seen.add(id(t))
                     total += t.numel() * t.element_size()
