@@ -10,6 +10,8 @@
 #   bash benchmarks/run_device.sh accuracy     # DiT variants vs the reference path, cached conditions or not
 #   bash benchmarks/run_device.sh v5           # GPU tests; DiT bf16 / bf16 + fp8 attention / fp8 / fp8 + fp8 attention
 #   bash benchmarks/run_device.sh v6           # fp8 attention GPU tests; DiT and window with fp8 attention
+#   bash benchmarks/run_device.sh v7           # GPU tests; DiT bf16 / fp8x, profile; memory at the peak (profile_memory.py)
+#   bash benchmarks/run_device.sh v7window     # one --preset fast window: fp8 + fp8 attention, bf16
 #   bash benchmarks/run_device.sh window       # one --preset fast window: bf16, fp8, fp8 + fp8 attention
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
@@ -71,6 +73,17 @@ case "$what" in
       | grep -E "passed|failed|error|\[parity\]|\[fp8" | tee "$OUT/gpu_tests_v5.log"
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases fast,bf16attn8,fp8,fp8x \
       --reps 3 --out "$OUT/dit_480p_v5.json" 2>&1 | tee "$OUT/bench_480p_v5.log"
+    ;;
+  v7)  # after the row-major residual stream and the traceable fp8 check: GPU tests, DiT bf16 / fp8x with kernel
+        # floors and profile, memory at the peak, kernel plans, sustained clocks
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fp8_attention.py tests/test_fast_path.py 2>&1 \
+      | tail -15 | tee "$OUT/gpu_tests_v7.log"
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases kernels,fast,fp8x,profile \
+      --reps 3 --out "$OUT/dit_480p_v7.json" 2>&1 | grep -v "^ *[0-9a-zA-Z_:]*Warning" | tail -60 | tee "$OUT/bench_480p_v7.log"
+    python3 benchmarks/profile_memory.py --variant fp8x --out "$OUT/memory_fp8x_v7.json" 2>&1 | tail -14
+    ;;
+  v7window)  # one --preset fast window, fp8 + fp8 attention, then bf16
+    python3 benchmarks/bench_window.py --variants fp8x,bf16 --out "$OUT/window_v7.json" 2>&1 | tail -8 | tee "$OUT/bench_window_v7.log"
     ;;
   v6)  # GPU tests of fp8 attention; DiT and window with fp8 attention after the liveness fix
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fp8_attention.py tests/test_fast_path.py 2>&1 \

@@ -87,6 +87,20 @@ def test_tiny_forward_shapes(speakers):
     assert torch.isfinite(out).all()
 
 
+def test_residual_stream_is_row_major():
+    """Every block gets (and returns) a contiguous [B, L, dim] stream: a channel-major one (the
+    transposed patch-embedding view) would make every norm and residual read across rows."""
+    cfg = WanDiTConfig.tiny()
+    torch.manual_seed(0)
+    model = InfiniteTalkDiT(cfg).eval()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda _m, args, out: seen.append((args[0].is_contiguous(), out.is_contiguous())))
+    with torch.inference_mode():
+        model(**_tiny_inputs(cfg, 1))
+    assert seen == [(True, True)] * len(model.blocks)
+
+
 def test_tiny_bfloat16_runs_close_to_float32():
     cfg = WanDiTConfig.tiny()
     torch.manual_seed(0)

@@ -639,7 +639,10 @@ class InfiniteTalkDiT(nn.Module):
 
         # embeddings
         inp = torch.cat([x, y], dim=1).to(device=self.device, dtype=self.dtype)
-        tokens = self.patch_embedding(inp).flatten(2).transpose(1, 2)  # [B, L, dim]
+        # [B, L, dim], made contiguous: the transposed view of the convolution output would make
+        # every block's residual stream channel-major (element-wise ops keep their input's layout),
+        # so each norm and gated residual would read across rows
+        tokens = self.patch_embedding(inp).flatten(2).transpose(1, 2).contiguous()
 
         t = torch.as_tensor(t, device=self.device).reshape(-1)
         if t.numel() not in (1, batch):
@@ -673,7 +676,7 @@ class InfiniteTalkDiT(nn.Module):
             out = self.head(tokens + residual, e)
             return self.unpatchify(out, grid)
 
-        before = tokens
+        before = tokens if block_cache is not None else None  # only TeaCache needs the block input
         rope = self.rope_table(grid, cfg.head_dim, self.device)
         for i, block in enumerate(self.blocks):
             if conditions is None:  # one block's keys/values at a time, as the reference does

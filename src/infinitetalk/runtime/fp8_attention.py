@@ -21,9 +21,10 @@ What is computed (and what `emulate_fp8_attention` reproduces on any device):
 
 Only the self-attention uses it (`InfiniteTalkDiT.self_attention`); the cross-attention
 calls (512 text keys, 257 image keys, 32 audio tokens a frame) stay in bf16: they are ~1%
-of the FLOPs. Inputs the cuDNN graph cannot take (CPU tensors, a GPU below compute
-capability 9.0, a head size other than 64/128, a graph cuDNN refuses) go to the bf16
-`fallback` attention, logged once per shape.
+of the FLOPs. CPU tensors and head sizes other than 64/128 go to the bf16 `fallback`
+attention directly; on a GPU below compute capability 9.0, without the frontend, or for a
+graph cuDNN refuses, the fallback runs on the dequantised inputs (logged once per device or
+shape).
 """
 from __future__ import annotations
 
@@ -127,17 +128,19 @@ class CudnnFp8Attention:
         self.fallback = fallback
         self._plans: dict[tuple, Optional[_Plan]] = {}
         self._handles: dict[int, Any] = {}
+        self._device_ok: dict[int, bool] = {}
 
     def __repr__(self) -> str:
         return f"CudnnFp8Attention({len(self._plans)} graphs, fallback={getattr(self.fallback, '__name__', self.fallback)})"
 
     def usable(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        return (
-            q.is_cuda
-            and q.shape[-1] in (64, 128)
-            and q.shape[-1] == k.shape[-1] == v.shape[-1]
-            and fp8_attention_supported(q.device)
-        )
+        """Whether the inputs can go to the cuDNN graph: CUDA tensors, head size 64 or 128.
+
+        Only tensor properties, so torch.compile traces it without a graph break (a break here
+        would keep the float32 q and k alive across the attention). Whether the GPU and the
+        frontend can run the graph is checked in `_run`, once per device.
+        """
+        return q.is_cuda and q.shape[-1] in (64, 128) and q.shape[-1] == k.shape[-1] == v.shape[-1]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.usable(q, k, v):
@@ -163,7 +166,7 @@ class CudnnFp8Attention:
         inputs, in `dtype`."""
         key = (tuple(q8.shape), tuple(k8.shape), q8.device.index)
         if key not in self._plans:
-            self._plans[key] = self._build(q8, k8)
+            self._plans[key] = self._build(q8, k8) if self._supported(q8.device) else None
         plan = self._plans[key]
         if plan is None:
             deq = lambda x8, d: (x8.float() * d.reshape(1)).to(dtype)  # noqa: E731
@@ -185,6 +188,15 @@ class CudnnFp8Attention:
         }
         plan.graph.execute(pack, plan.workspace, handle=handle)
         return out if plan.out_dtype == FP8 else out.to(dtype)
+
+    def _supported(self, device: torch.device) -> bool:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._device_ok:
+            self._device_ok[index] = fp8_attention_supported(torch.device("cuda", index))
+            if not self._device_ok[index]:
+                log.warning("fp8 attention needs a GPU of compute capability >= 9.0 and the cuDNN frontend "
+                            "(pip install 'infinitetalk[fp8]'); cuda:%d uses bf16 attention.", index)
+        return self._device_ok[index]
 
     def _const(self, device: torch.device, value: float, plan: _Plan) -> torch.Tensor:
         name = f"const_{value}"
