@@ -53,26 +53,44 @@ def _sync(device):
 
 
 def run_window(parts, cfg, cond, motion_frames, first, generator, device):
-    """One window exactly as the pipeline's loop body; returns (uint8 frames, last 9 frames, seconds)."""
+    """One window exactly as the pipeline's loop body; returns (uint8 frames, last 9 frames, seconds).
+
+    The seconds of each stage (CLIP and VAE encodes, conditions, sampler, decode, colour and copy
+    to the host) go to `parts_cache["stages"]`; a synchronisation between stages costs ~nothing.
+    """
     dit, vae, vae_fast, clip, context, context_null, audio = parts
+    stages = {}
     _sync(device)
-    start = time.perf_counter()
+    start = mark = time.perf_counter()
+
+    def stage(name):
+        nonlocal mark
+        _sync(device)
+        now = time.perf_counter()
+        stages[name] = round(now - mark, 3)
+        mark = now
+
     if first:
         parts_cache["clip_fea"] = clip(cond[None].to(device, next(clip.parameters()).dtype)).to(dit.dtype)
         parts_cache["y"] = image_condition(vae, cond, cfg.frame_num, None, vae_fast).to(device)
     source = cond if first else motion_frames
     motion = motion_latent(vae, source, None, vae_fast).to(device)
+    stage("encode")
     lat_h, lat_w = cond.shape[-2] // 8, cond.shape[-1] // 8
     noise = draw_window_noise((16, cfg.latent_frames, lat_h, lat_w), generator, device)
     guided = GuidedDiT(dit, Guidance.from_config(cfg).branches, context=context, context_null=context_null,
                        clip_fea=parts_cache["clip_fea"], y=parts_cache["y"], audio=audio)
+    stage("conditions")
     n_motion = 1 if first else cfg.motion_latent_frames
     latent = sample_window(guided.predict_branch, noise, motion, n_motion, cfg, generator, first_window=first)
+    stage("sample")
     video = vae.decode(latent[None], fast=vae_fast)[0].float()
+    stage("decode")
     video = match_and_blend_colors(video, cond.to(device), cfg.color_correction_strength)
     frames = ((video + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()
     last = video[:, -cfg.motion_frame:].clone()
-    _sync(device)
+    stage("colour_and_copy")
+    parts_cache["stages"] = stages
     return frames, last, time.perf_counter() - start
 
 
@@ -122,11 +140,13 @@ def bench(args, variant: str, device) -> dict:
     _, last, times["warmup_first_s"] = run_window(parts, cfg, cond, None, True, gen, device)
     _, last, times["warmup_later_s"] = run_window(parts, cfg, cond, last, False, gen, device)
     _, last, times["first_window_s"] = run_window(parts, cfg, cond, None, True, gen, device)
+    stages = {"first_window": parts_cache["stages"]}
     frames, last, times["later_window_s"] = run_window(parts, cfg, cond, last, False, gen, device)
+    stages["later_window"] = parts_cache["stages"]
     out = {k: round(v, 3) for k, v in times.items()}
     out.update(
         preset=args.preset, steps=cfg.sample_steps, branches=list(Guidance.from_config(cfg).branches),
-        options=options, size=list(size), frames=int(frames.shape[0]),
+        options=options, size=list(size), frames=int(frames.shape[0]), stages_s=stages,
         peak_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None,
     )
     del dit, vae, clip
@@ -161,6 +181,8 @@ def main(argv=None) -> int:
     print(f"\n{'measure':28s} {'first window s':>15s} {'later window s':>15s} {'peak GB':>8s}")
     for key, m in result["measures"].items():
         print(f"{key:28s} {m['first_window_s']:15.2f} {m['later_window_s']:15.2f} {str(m['peak_gb']):>8s}")
+        for which, st in m["stages_s"].items():
+            print(f"    {which}: " + ", ".join(f"{k} {v:.3f} s" for k, v in st.items()))
     return 0
 
 

@@ -82,7 +82,8 @@ case "$what" in
       --reps 3 --out "$OUT/dit_480p_v7.json" 2>&1 | grep -v "^ *[0-9a-zA-Z_:]*Warning" | tail -60 | tee "$OUT/bench_480p_v7.log"
     python3 benchmarks/profile_memory.py --variant fp8x --out "$OUT/memory_fp8x_v7.json" 2>&1 | tail -14
     ;;
-  v7window)  # one --preset fast window, fp8 + fp8 attention, then bf16
+  v7window)  # routing-map value widths; one --preset fast window, fp8 + fp8 attention, then bf16
+    python3 benchmarks/bench_routing_map.py --out "$OUT/routing_map.json" 2>&1 | tail -14
     python3 benchmarks/bench_window.py --variants fp8x,bf16 --out "$OUT/window_v7.json" 2>&1 | tail -8 | tee "$OUT/bench_window_v7.log"
     ;;
   v6)  # GPU tests of fp8 attention; DiT and window with fp8 attention after the liveness fix
