@@ -15,6 +15,7 @@ from conftest import report
 from infinitetalk.models.attention import (
     RopeCache,
     apply_rope_3d,
+    narrow_attention_map,
     reference_attention_map,
     rope_table_3d,
     rope_table_3d_f32,
@@ -63,6 +64,10 @@ def test_fused_routing_map_matches_reference(heads):
     want = reference_attention_map(q, k, per_frame, masks, query_chunk=16)
     got = sdpa_attention_map(q, k, per_frame, masks)
     report(f"routing_map/heads{heads}", got, want, rel_tol=1e-5)
+    narrow = narrow_attention_map(q, k, per_frame, masks)  # values 16 channels wide instead of 32
+    report(f"routing_map/heads{heads}/narrow", narrow, want, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        sdpa_attention_map(q, k, per_frame, masks, value_width=2)
 
 
 def test_branch_groups():

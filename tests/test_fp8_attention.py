@@ -41,8 +41,80 @@ def _rel_l2(a, b):
 def test_key_smoothing_is_exact():
     q, k, v = _qkv(shift=3.0)
     smoothed = smooth_keys(k)
-    assert smoothed.mean(dim=1).abs().max() < 1e-5
+    assert smoothed[:, ::16].mean(dim=1).abs().max() < 1e-5  # the sampled keys' mean is removed
+    assert smoothed.mean(dim=1).abs().mean() < 0.3  # and with it most of the shared shift of 3
     assert _rel_l2(_attention_f32(q, smoothed, v), _attention_f32(q, k, v)) < 1e-6
+
+
+def test_qk_bounds_hold_and_cost_no_accuracy():
+    """`WanSelfAttention.qk_bounds` bounds |q| and |k| after the norms and RoPE (also for a token
+    with all its energy in one channel), and scaling q and k by these bounds instead of by
+    their max gives the same fp8 error against float32 (e4m3 rounds relatively)."""
+    from infinitetalk.models.attention import RopeCache, apply_rope_3d
+    from infinitetalk.models.dit import WanSelfAttention
+
+    heads, dim, grid = 4, 64, (2, 16, 16)
+    length = grid[0] * grid[1] * grid[2]
+    attn = WanSelfAttention(heads * dim, heads).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # spread norm weights, as trained ones are
+        for w in (attn.norm_q.weight, attn.norm_k.weight):
+            w.copy_(torch.exp(torch.empty(heads * dim).uniform_(-2.3, 1.1, generator=g)))
+    x = torch.randn(1, length, heads * dim, generator=g)
+    table = RopeCache()(grid, dim, torch.device("cpu"))
+    v = torch.randn(1, length, heads, dim, generator=g)
+    for one_hot in (False, True):
+        q_lin, k_lin = attn.q(x).detach(), attn.k(x).detach()
+        if one_hot:  # a token whose projection is all in the largest-weight channel
+            q_lin[0, 0] = 0.0
+            q_lin[0, 0, attn.norm_q.weight.abs().argmax()] = 5.0
+        with torch.no_grad():
+            q = apply_rope_3d(attn.norm_q(q_lin).view(1, length, heads, dim), table)
+            k = apply_rope_3d(attn.norm_k(k_lin).view(1, length, heads, dim), table) + 0.3
+            q_bound, k_bound = attn.qk_bounds(q_lin, k_lin)
+        k_bound = k_bound + 0.3
+        assert q.abs().max() <= q_bound and k.abs().max() <= k_bound
+        assert q.abs().max() > q_bound / 2.1  # within sqrt(2) * 1.02 of the largest pre-RoPE element
+        want = _attention_f32(q, k, v)
+        err_amax = _rel_l2(emulate_fp8_attention(q, k, v), want)
+        err_bound = _rel_l2(emulate_fp8_attention(q, k, v, qk_bounds=(q_bound, k_bound)), want)
+        print(f"[fp8 attention] one-hot token {one_hot}: scales from max|x| {err_amax:.4f}, "
+              f"from the bounds {err_bound:.4f}")
+        assert err_bound < 1.1 * err_amax + 1e-3
+
+
+class _EmulatedFp8Attention:
+    """An AttentionFn computing what the cuDNN graph computes (CPU), checking the bounds it gets."""
+
+    takes_qk_bounds = True
+
+    def __init__(self):
+        self.calls_with_bounds = 0
+
+    def __call__(self, q, k, v, qk_bounds=None):
+        if qk_bounds is not None:
+            self.calls_with_bounds += 1
+            assert q.abs().max() <= qk_bounds[0] and k.abs().max() <= qk_bounds[1]
+        return emulate_fp8_attention(q, k, v, qk_bounds)
+
+
+def test_dit_passes_valid_bounds_to_fp8_attention():
+    """Through the tiny DiT's blocks: every self-attention gets q/k bounds that hold, and the
+    fp8 self-attention keeps the output within the fp8 error of the float32 one."""
+    from infinitetalk.runtime.tiny_models import build_tiny_models
+
+    dit = build_tiny_models(0, torch.device("cpu"), torch.float32).dit
+    from test_dit_params import _tiny_inputs
+
+    inputs = _tiny_inputs(dit.config, 2)
+    with torch.inference_mode():
+        want = dit(**inputs)
+        dit.self_attention = fp8 = _EmulatedFp8Attention()
+        got = dit(**inputs)
+    assert fp8.calls_with_bounds == len(dit.blocks)
+    err = _rel_l2(got, want)
+    print(f"[fp8 attention] tiny DiT, emulated fp8 self-attention: rel L2 {err:.4f}")
+    assert 1e-4 < err < 0.1
 
 
 def test_per_tensor_quantisation():
@@ -105,6 +177,12 @@ def test_gpu_cudnn_graph_matches_emulation(dim):
     assert len(attn._plans) == 1  # built once, reused
     attn(q, k, v)
     assert len(attn._plans) == 1
+    bounds = (q.abs().amax() * 1.5, k.abs().amax() * 1.5)  # scales from given bounds (the DiT's path)
+    got = attn(q, k, v, qk_bounds=bounds)
+    want = emulate_fp8_attention(q.bfloat16(), k.bfloat16(), v, qk_bounds=bounds)
+    err = _rel_l2(got.float(), want.float())
+    print(f"[fp8 attention] cuDNN vs emulation with q/k bounds, head dim {dim}: rel L2 {err:.4f}")
+    assert err < 0.05
 
 
 @pytest.mark.gpu

@@ -237,8 +237,11 @@ class WanSelfAttention(_QKVOAttention):
         """x [B, L, dim] -> (out [B, L, dim], reference map [B, 3, L] when ref_masks is given)."""
         b, length, _ = x.shape
         n, d = self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).view(b, length, n, d)
-        k = self.norm_k(self.k(x)).view(b, length, n, d)
+        q_lin, k_lin = self.q(x), self.k(x)
+        bounds = self.qk_bounds(q_lin, k_lin) if getattr(attention, "takes_qk_bounds", False) else None
+        q = self.norm_q(q_lin).view(b, length, n, d)
+        k = self.norm_k(k_lin).view(b, length, n, d)
+        del q_lin, k_lin
         v = self.v(x).view(b, length, n, d)
         q = apply_rope_3d(q, rope_table)
         k = apply_rope_3d(k, rope_table)
@@ -248,8 +251,29 @@ class WanSelfAttention(_QKVOAttention):
                 ref_map = routing_map(q.type_as(x), k.type_as(x), tokens_per_frame, ref_masks)
         # q, k and v are not used after this call, so an attention that is opaque to torch.compile
         # (the cuDNN fp8 graph) does not keep the float32 q and k alive across it
-        out = self.o(attention(q, k, v).type_as(x).flatten(2))
-        return out, ref_map
+        out = attention(q, k, v) if bounds is None else attention(q, k, v, qk_bounds=bounds)
+        return self.o(out.type_as(x).flatten(2)), ref_map
+
+    def qk_bounds(self, q_lin: torch.Tensor, k_lin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Bounds of |q| and |k| after the norms and RoPE (0-dim float32), from the projections.
+
+        For a token x the RMS norm gives |q_i| = |x_i w_i| / rms(x), and RoPE rotates channel
+        pairs, so a rotated element is at most sqrt(2) times the larger of its pair. The row
+        maximum of |x_i w_i| reduces over the same channels as the norm's mean of squares, so
+        a compiled block computes both in one pass over the projection, and fp8 attention can
+        scale q and k without reading them again (within 2x of max|q|; e4m3 rounds relatively).
+        The 2% margin covers the bf16 roundings of the norm, the weight product and the cast.
+        None without q/k norms.
+        """
+        if not isinstance(self.norm_q, WanRMSNorm) or not isinstance(self.norm_k, WanRMSNorm):
+            return None
+        return _rope_bound(q_lin, self.norm_q), _rope_bound(k_lin, self.norm_k)
+
+
+def _rope_bound(lin: torch.Tensor, norm: WanRMSNorm) -> torch.Tensor:
+    xf = lin.float()
+    rows = (xf * norm.weight.float()).abs().amax(dim=-1) * torch.rsqrt(xf.pow(2).mean(dim=-1) + norm.eps)
+    return rows.amax() * (math.sqrt(2.0) * 1.02)
 
 
 class WanI2VCrossAttention(_QKVOAttention):
