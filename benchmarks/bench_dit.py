@@ -216,7 +216,7 @@ def fp8_attention_ceiling(iters: int) -> dict:
     k8, dk, _ = quantize_per_tensor(smooth_keys(torch.randn(1, n, h, d, device="cuda", generator=g)))
     v8, dv, amax = quantize_per_tensor(torch.randn(1, n, h, d, device="cuda", generator=g))
     attn = CudnnFp8Attention()
-    run = lambda: attn._run(q8, k8, v8, dq, dk, dv, FP8_MAX / (amax * O_MARGIN), torch.bfloat16)  # noqa: E731
+    run = lambda: attn._run(q8, k8, v8, dq, dk, dv, FP8_MAX / (amax * O_MARGIN))  # noqa: E731
     for _ in range(3):
         run()
     torch.cuda.synchronize()

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     v8, dv, amax_v = quantize_per_tensor(v)
     so = FP8_MAX / (amax_v * O_MARGIN)
     fp8 = CudnnFp8Attention()
-    attn8 = lambda: fp8._run(q8, k8, v8, dq, dk, dv, so, torch.bfloat16)  # noqa: E731
+    attn8 = lambda: fp8._run(q8, k8, v8, dq, dk, dv, so)  # noqa: E731
     qb, kb, vb = q.bfloat16().transpose(1, 2), k.bfloat16().transpose(1, 2), v.transpose(1, 2)
     del q, k
 

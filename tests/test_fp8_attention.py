@@ -145,6 +145,40 @@ def test_fallback_on_the_cpu_is_the_bf16_attention():
     assert torch.equal(attn(q, k, v), sdpa_attention(q, k, v))
 
 
+def test_cudnn_call_is_an_op_that_compiles_without_a_graph_break():
+    """The cuDNN call is a custom op of the attention object: a compiled function around it is
+    one graph (here on the CPU, where the op runs its fallback: bf16 attention on the
+    dequantised inputs, output in e4m3 like the graph's), and the op goes away with its object."""
+    import gc
+
+    q, k, v = _qkv(length=64, heads=2, dim=64)
+    attn = CudnnFp8Attention(fallback=sdpa_attention)
+    q8, dq, _ = quantize_per_tensor(q)
+    k8, dk, _ = quantize_per_tensor(smooth_keys(k))
+    v8, dv, amax_v = quantize_per_tensor(v)
+    so = FP8_MAX / (amax_v * 1.125)
+
+    def f(q8, k8, v8):
+        return attn._op(q8, k8, v8, dq, dk, dv, so).float() / so.reshape(1) * 2.0
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(q8, k8, v8)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    eager = f(q8, k8, v8)
+    assert eager.dtype == torch.float32
+    deq = lambda x8, d: (x8.float() * d.reshape(1)).bfloat16()  # noqa: E731
+    want = sdpa_attention(deq(q8, dq), deq(k8, dk), deq(v8, dv)).float() * 2.0
+    assert _rel_l2(eager, want) < 0.05  # the e4m3 rounding of the output
+    assert torch.equal(torch.compile(f)(q8, k8, v8), eager)
+    name = attn._op.name().split(".")[0]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
+    del attn, f, explained
+    torch._dynamo.reset()
+    gc.collect()
+    with pytest.raises(RuntimeError, match="does not exist"):
+        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
+
+
 def test_make_fast_without_support_keeps_bf16_attention(caplog):
     from infinitetalk.runtime.tiny_models import build_tiny_models
 

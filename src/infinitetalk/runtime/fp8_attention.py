@@ -23,7 +23,8 @@ What is computed (and what `emulate_fp8_attention` reproduces on any device):
 3. The output scale is known without a reduction: every output row is a convex combination
    of v's rows, so |o| <= max|v|; `scale_o = 448 / (max|v| * 1.125)` leaves room for the
    rounding of p (each p rounds by at most 1/16, so sum p v can exceed max|v| by 6.25%).
-4. The caller gets o in bf16 (o8 / scale_o).
+4. The caller gets o in bf16 (o8 / scale_o). The cuDNN call is a custom op owned by the
+   attention object, so torch.compile keeps a block in one graph around it.
 
 Only the self-attention uses it (`InfiniteTalkDiT.self_attention`); the cross-attention
 calls (512 text keys, 257 image keys, 32 audio tokens a frame) stay in bf16: they are ~1%
@@ -36,6 +37,8 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -146,13 +149,39 @@ def emulate_fp8_attention(
     return o8.transpose(1, 2).to(v.dtype)
 
 
+_OP_NAMESPACE = "infinitetalk_fp8_attention"
+
+
+def _register_op(owner: "CudnnFp8Attention"):
+    """A custom op `infinitetalk_fp8_attention::sdpa_<uid>` running `owner._run`, in a library
+    fragment that `owner` holds (its registration goes away with the fragment).
+
+    (q8, k8, v8 [B, L, H, D] e4m3; descale_q, descale_k, descale_v, scale_o [1, 1, 1, 1]
+    float32) -> o8 [B, Lq, H, D] e4m3. As an op, torch.compile traces the call (with the
+    fake implementation below for shapes) instead of breaking the graph around it.
+    """
+    name = f"sdpa_{uuid.uuid4().hex[:12]}"
+    lib = torch.library.Library(_OP_NAMESPACE, "FRAGMENT")
+    lib.define(f"{name}(Tensor q8, Tensor k8, Tensor v8, Tensor dq, Tensor dk, Tensor dv, Tensor scale_o) -> Tensor")
+    owner_ref = weakref.ref(owner)  # the op must not keep its owner (and its cuDNN graphs) alive
+
+    def run(q8, k8, v8, dq, dk, dv, scale_o):
+        return owner_ref()._run(q8, k8, v8, dq, dk, dv, scale_o)
+
+    def fake(q8, k8, v8, dq, dk, dv, scale_o):
+        return torch.empty(q8.shape, dtype=FP8, device=q8.device)
+
+    lib.impl(name, run, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{_OP_NAMESPACE}::{name}", fake, lib=lib)
+    return lib, getattr(getattr(torch.ops, _OP_NAMESPACE), name).default
+
+
 @dataclass
 class _Plan:
     graph: Any
     tensors: dict
     workspace: torch.Tensor
     amax: torch.Tensor  # [2, 1, 1, 1, 1] float32: amax_s and amax_o outputs (unused)
-    out_dtype: torch.dtype  # bf16 where cuDNN writes bf16 (then scale_o is 1), else e4m3
 
 
 class CudnnFp8Attention:
@@ -171,6 +200,7 @@ class CudnnFp8Attention:
         self._plans: dict[tuple, Optional[_Plan]] = {}
         self._handles: dict[int, Any] = {}
         self._device_ok: dict[int, bool] = {}
+        self._lib, self._op = _register_op(self)
 
     def __repr__(self) -> str:
         return f"CudnnFp8Attention({len(self._plans)} graphs, fallback={getattr(self.fallback, '__name__', self.fallback)})"
@@ -196,44 +226,44 @@ class CudnnFp8Attention:
         q8, dq, k8, dk = _quantize_qk(q.to(dtype), k.to(dtype), qk_bounds)
         v8, dv, amax_v = quantize_per_tensor(v)
         scale_o = FP8_MAX / (amax_v * O_MARGIN)
-        # Only the fp8 tensors and scales cross the (compiler-opaque) cuDNN call: q, k and v are
-        # not used after it, so a compiled caller does not keep them alive.
-        out = self._run(q8, k8, v8, dq, dk, dv, scale_o, dtype)
-        if out.dtype == FP8:
-            return (out.float() / scale_o.reshape(1)).to(dtype)
-        return out
+        # The cuDNN call is a custom op of this object (`_register_op`): torch.compile traces it
+        # as one opaque op, so a compiled block stays one graph and fuses the quantisation with
+        # the norms and RoPE before it and the dequantisation with the o-projection after it.
+        out = self._op(q8, k8, v8, dq, dk, dv, scale_o)
+        return (out.float() / scale_o.reshape(1)).to(dtype)
 
-    @torch.compiler.disable
-    def _run(self, q8, k8, v8, dq, dk, dv, scale_o, dtype: torch.dtype) -> torch.Tensor:
-        """Execute the cached cuDNN graph for these shapes: e4m3 output (or `dtype` where cuDNN
-        writes it). Where cuDNN refuses the graph: the `fallback` attention on the dequantised
-        inputs, in `dtype`."""
+    def _run(self, q8, k8, v8, dq, dk, dv, scale_o) -> torch.Tensor:
+        """The op's implementation: the cached cuDNN graph for these shapes, e4m3 output scaled by
+        `scale_o`. Where the graph cannot run (no Hopper GPU or frontend, a graph cuDNN refuses):
+        the `fallback` attention on the dequantised inputs, quantised the same way."""
+        q8, k8, v8 = q8.contiguous(), k8.contiguous(), v8.contiguous()  # the graph's strides
         key = (tuple(q8.shape), tuple(k8.shape), q8.device.index)
         if key not in self._plans:
             self._plans[key] = self._build(q8, k8) if self._supported(q8.device) else None
         plan = self._plans[key]
         if plan is None:
-            deq = lambda x8, d: (x8.float() * d.reshape(1)).to(dtype)  # noqa: E731
-            return self.fallback(deq(q8, dq), deq(k8, dk), deq(v8, dv))
+            deq = lambda x8, d: (x8.float() * d.reshape(1)).to(torch.bfloat16)  # noqa: E731
+            out = self.fallback(deq(q8, dq), deq(k8, dk), deq(v8, dv))
+            return (out.float() * scale_o.reshape(1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         import cudnn
 
         handle = self._handle(q8.device)
         cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
         b, lq, h, d = q8.shape
-        out = torch.empty(b, lq, h, d, dtype=plan.out_dtype, device=q8.device)
-        if plan.out_dtype != FP8:
-            scale_o = self._const(q8.device, 1.0, plan)
+        out = torch.empty(b, lq, h, d, dtype=FP8, device=q8.device)
         t = plan.tensors
         pack = {
-            t["q"]: q8, t["k"]: k8, t["v"]: v8.contiguous(), t["o"]: out,
+            t["q"]: q8, t["k"]: k8, t["v"]: v8, t["o"]: out,
             t["dq"]: dq, t["dk"]: dk, t["dv"]: dv, t["ds"]: self._const(q8.device, 1.0 / P_SCALE, plan),
             t["ss"]: self._const(q8.device, P_SCALE, plan), t["so"]: scale_o,
             t["amax_s"]: plan.amax[0], t["amax_o"]: plan.amax[1],
         }
         plan.graph.execute(pack, plan.workspace, handle=handle)
-        return out if plan.out_dtype == FP8 else out.to(dtype)
+        return out
 
     def _supported(self, device: torch.device) -> bool:
+        if device.type != "cuda":
+            return False
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._device_ok:
             self._device_ok[index] = fp8_attention_supported(torch.device("cuda", index))
@@ -258,18 +288,15 @@ class CudnnFp8Attention:
         return self._handles[index]
 
     def _build(self, q8: torch.Tensor, k8: torch.Tensor) -> Optional[_Plan]:
-        """The cuDNN graph for these shapes: bf16 output where cuDNN offers it, else e4m3 output."""
-        errors = []
-        for out_bf16 in (True, False):
-            try:
-                return self._build_graph(q8, k8, out_bf16)
-            except Exception as exc:  # cuDNN reports unsupported graphs with several exception types
-                errors.append(f"{'bf16' if out_bf16 else 'fp8'} output: {exc}")
-        log.warning("cuDNN fp8 attention is not available for q %s, k %s (%s); using bf16 attention.",
-                    tuple(q8.shape), tuple(k8.shape), "; ".join(errors))
-        return None
+        """The cuDNN graph for these shapes (e4m3 output, which every fp8-capable GPU offers)."""
+        try:
+            return self._build_graph(q8, k8)
+        except Exception as exc:  # cuDNN reports unsupported graphs with several exception types
+            log.warning("cuDNN fp8 attention is not available for q %s, k %s (%s); using bf16 attention.",
+                        tuple(q8.shape), tuple(k8.shape), exc)
+            return None
 
-    def _build_graph(self, q8: torch.Tensor, k8: torch.Tensor, out_bf16: bool) -> _Plan:
+    def _build_graph(self, q8: torch.Tensor, k8: torch.Tensor) -> _Plan:
         import cudnn
 
         b, lq, h, d = q8.shape
@@ -291,7 +318,7 @@ class CudnnFp8Attention:
             scale_o=so, is_inference=True, attn_scale=1.0 / math.sqrt(d), use_causal_mask=False, name="sdpa_fp8",
         )
         o.set_output(True).set_dim([b, h, lq, d]).set_stride([lq * h * d, d, h * d, 1])
-        o.set_data_type(cudnn.data_type.BFLOAT16 if out_bf16 else fp8)
+        o.set_data_type(fp8)
         for a in (amax_s, amax_o):
             a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
         graph.validate()
@@ -303,6 +330,5 @@ class CudnnFp8Attention:
         amax = torch.zeros(2, 1, 1, 1, 1, dtype=torch.float32, device=q8.device)
         tensors = {"q": tq, "k": tk, "v": tv, "o": o, "dq": dq, "dk": dk, "dv": dv, "ds": ds, "ss": ss, "so": so,
                    "amax_s": amax_s, "amax_o": amax_o}
-        log.info("cuDNN fp8 attention graph built for q %s, k %s (%s output)", tuple(q8.shape), tuple(k8.shape),
-                 "bf16" if out_bf16 else "e4m3")
-        return _Plan(graph, tensors, workspace, amax, torch.bfloat16 if out_bf16 else FP8)
+        log.info("cuDNN fp8 attention graph built for q %s, k %s", tuple(q8.shape), tuple(k8.shape))
+        return _Plan(graph, tensors, workspace, amax)
