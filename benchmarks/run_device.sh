@@ -89,13 +89,13 @@ case "$what" in
       --reps 3 --out "$OUT/dit_480p_v8.json" 2>&1 | grep -v "Warning\|warn" | tail -42 | tee "$OUT/bench_480p_v8.log"
     python3 benchmarks/bench_window.py --variants fp8x --out "$OUT/window_v8.json" 2>&1 | tail -4 | tee "$OUT/bench_window_v8.log"
     ;;
-  v9)  # the cuDNN call as a custom op (one graph per block): GPU tests, DiT bf16 / fp8x, memory, window fp8x
+  v10|v9)  # (v10: RoPE without stack) the cuDNN call as a custom op (one graph per block): GPU tests, DiT bf16 / fp8x, memory, window fp8x
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fp8_attention.py tests/test_fast_path.py -s 2>&1 \
-      | grep -E "passed|failed|rror|\[fp8" | tail -12 | tee "$OUT/gpu_tests_v9.log"
+      | grep -E "passed|failed|rror|\[fp8" | tail -12 | tee "$OUT/gpu_tests_${what}.log"
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases kernels,fast,fp8x,profile \
-      --reps 3 --out "$OUT/dit_480p_v9.json" 2>&1 | grep -v "Warning\|warn" | tail -40 | tee "$OUT/bench_480p_v9.log"
-    python3 benchmarks/profile_memory.py --variant fp8x --out "$OUT/memory_fp8x_v9.json" 2>&1 | grep "GB" | head -8
-    python3 benchmarks/bench_window.py --variants fp8x --out "$OUT/window_v9.json" 2>&1 | tail -4 | tee "$OUT/bench_window_v9.log"
+      --reps 3 --out "$OUT/dit_480p_${what}.json" 2>&1 | grep -v "Warning\|warn" | tail -40 | tee "$OUT/bench_480p_${what}.log"
+    python3 benchmarks/profile_memory.py --variant fp8x --out "$OUT/memory_fp8x_${what}.json" 2>&1 | grep "GB" | head -8
+    python3 benchmarks/bench_window.py --variants fp8x --out "$OUT/window_${what}.json" 2>&1 | tail -4 | tee "$OUT/bench_window_${what}.log"
     ;;
   v7window)  # routing-map value widths; one --preset fast window, fp8 + fp8 attention, then bf16
     python3 benchmarks/bench_routing_map.py --out "$OUT/routing_map.json" 2>&1 | tail -14

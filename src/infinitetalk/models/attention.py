@@ -184,10 +184,14 @@ def apply_rope_3d(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     if table.shape[0] != length:
         raise ValueError(f"RoPE table has {table.shape[0]} rows but the sequence has {length} tokens")
     if not table.is_complex():
+        # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) written as pairs * (cos, cos) +
+        # swapped pairs * (-sin, sin): the same float32 products and sums as the complex
+        # product, and element-wise only (no stack), so a compiled block fuses the rotation
+        # into what reads q and k instead of writing them out in float32.
         pairs = x.float().unflatten(-1, (dim // 2, 2))
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        cos, sin = table[..., 0], table[..., 1]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3)
+        cos, sin = table[..., :1], table[..., 1:]
+        sign = torch.tensor([-1.0, 1.0], dtype=table.dtype, device=table.device)
+        return (pairs * cos + pairs.flip(-1) * (sin * sign)).flatten(3)
     real = torch.float64 if table.dtype == torch.complex128 else torch.float32
     xc = torch.view_as_complex(x.to(real).reshape(b, length, heads, dim // 2, 2))
     return torch.view_as_real(xc * table).flatten(3).float()
