@@ -190,8 +190,7 @@ def apply_rope_3d(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         # into what reads q and k instead of writing them out in float32.
         pairs = x.float().unflatten(-1, (dim // 2, 2))
         cos, sin = table[..., :1], table[..., 1:]
-        sign = torch.tensor([-1.0, 1.0], dtype=table.dtype, device=table.device)
-        return (pairs * cos + pairs.flip(-1) * (sin * sign)).flatten(3)
+        return (pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)).flatten(3)
     real = torch.float64 if table.dtype == torch.complex128 else torch.float32
     xc = torch.view_as_complex(x.to(real).reshape(b, length, heads, dim // 2, 2))
     return torch.view_as_real(xc * table).flatten(3).float()

@@ -11,11 +11,10 @@ What is computed (and what `emulate_fp8_attention` reproduces on any device):
 1. k loses its mean over every 16th token (`smooth_keys`; subtracting any vector shared by all
    keys is exact for softmax attention); then q, k and v are quantised per tensor:
    x8 = e4m3(x * 448 / bound), descale = bound / 448, where the bound is max|x| (one more
-   pass over the tensor), or for q and k a bound known in advance (`qk_bounds`): the DiT's q
-   and k come out of an RMS norm over 5120 channels, so no element exceeds
-   sqrt(5120) * max|norm weight| (RoPE rotates channel pairs, which keeps that bound). e4m3 is
-   a floating-point format, so a scale 5-10x looser than max|x| rounds every normal value
-   with the same relative error; only values ~1e-3 of the typical size become subnormal.
+   pass over the tensor), or for q and k a bound the caller already has (`qk_bounds`): the
+   DiT takes the row maximum of |x_i w_i| / rms(x) with its RMS norm statistics, times sqrt(2)
+   for RoPE (`WanSelfAttention.qk_bounds`). e4m3 is a floating-point format, so a scale up to
+   2x looser than max|x| rounds every normal value with the same relative error.
 2. cuDNN computes s = q8 k8^T * descale_q * descale_k / sqrt(D) in float32, the row
    maximum m, p = exp(s - m) in [0, 1], quantises p to e4m3 with scale 448 (descale 1/448),
    multiplies by v8 with float32 accumulation, divides by the row sum of p and writes the
