@@ -205,18 +205,17 @@ class Bench:
 def fp8_attention_ceiling(iters: int) -> dict:
     """The cuDNN fp8 attention kernel alone at 480p (pre-quantised inputs), when it can run."""
     from infinitetalk.runtime.fp8_attention import (
-        FP8_MAX, O_MARGIN, CudnnFp8Attention, fp8_attention_supported, quantize_per_tensor, smooth_keys,
+        CudnnFp8Attention, fp8_attention_supported, quantize_attention_inputs,
     )
 
     if not fp8_attention_supported("cuda"):
         return {}
     n, h, d = 33_600, 40, 128
     g = torch.Generator(device="cuda").manual_seed(0)
-    q8, dq, _ = quantize_per_tensor(torch.randn(1, n, h, d, device="cuda", generator=g))
-    k8, dk, _ = quantize_per_tensor(smooth_keys(torch.randn(1, n, h, d, device="cuda", generator=g)))
-    v8, dv, amax = quantize_per_tensor(torch.randn(1, n, h, d, device="cuda", generator=g))
+    qkv = (torch.randn(1, n, h, d, device="cuda", generator=g) for _ in range(3))
+    inputs = quantize_attention_inputs(*qkv)
     attn = CudnnFp8Attention()
-    run = lambda: attn._run(q8, k8, v8, dq, dk, dv, FP8_MAX / (amax * O_MARGIN))  # noqa: E731
+    run = lambda: attn._run(*inputs)  # noqa: E731
     for _ in range(3):
         run()
     torch.cuda.synchronize()

@@ -33,8 +33,7 @@ from infinitetalk.runtime.fp8_attention import (  # noqa: E402
     CudnnFp8Attention,
     emulate_fp8_attention,
     fp8_attention_supported,
-    quantize_per_tensor,
-    smooth_keys,
+    quantize_attention_inputs,
 )
 
 HEADS, HEAD_DIM = 40, 128
@@ -130,10 +129,7 @@ def main(argv=None) -> int:
             res["timings"].append(_entry(f"{size} bf16 cuDNN kernel only", t, flops, shape))
             t = time_cuda(lambda: fp8(q, k, v), 2, args.iters)
             res["timings"].append(_entry(f"{size} fp8 CudnnFp8Attention (as in the DiT)", t, flops, shape))
-            q8, dq, _ = quantize_per_tensor(q)
-            k8, dk, _ = quantize_per_tensor(smooth_keys(k))
-            v8, dv, amax_v = quantize_per_tensor(v)
-            so = 448.0 / (amax_v * 1.125)
+            q8, k8, v8, dq, dk, dv, so = quantize_attention_inputs(q, k, v)
             t = time_cuda(lambda: fp8._run(q8, k8, v8, dq, dk, dv, so), 2, args.iters)
             res["timings"].append(_entry(f"{size} fp8 cuDNN kernel only (e4m3 out)", t, flops, shape))
             del q, k, v, qb, kb, vb, q8, k8, v8

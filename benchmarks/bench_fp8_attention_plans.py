@@ -11,7 +11,6 @@ Prints a table, writes JSON (`--out`). Without CUDA or the cuDNN frontend it say
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -26,12 +25,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_kernels import git_commit  # noqa: E402
 from infinitetalk.runtime.fp8_attention import (  # noqa: E402
-    FP8_MAX,
-    O_MARGIN,
     P_SCALE,
     fp8_attention_supported,
-    quantize_per_tensor,
-    smooth_keys,
+    quantize_attention_inputs,
 )
 
 HEADS, HEAD_DIM = 40, 128
@@ -75,10 +71,7 @@ class Sweep:
         q = torch.randn(1, n, HEADS, HEAD_DIM, device=dev, generator=g)
         k = torch.randn(1, n, HEADS, HEAD_DIM, device=dev, generator=g) + 0.5
         v = torch.randn(1, n, HEADS, HEAD_DIM, device=dev, generator=g).bfloat16()
-        q8, self.dq, _ = quantize_per_tensor(q)
-        k8, self.dk, _ = quantize_per_tensor(smooth_keys(k))
-        v8, self.dv, amax_v = quantize_per_tensor(v)
-        self.so = FP8_MAX / (amax_v * O_MARGIN)
+        q8, k8, v8, self.dq, self.dk, self.dv, self.so = quantize_attention_inputs(q, k, v)
         del q, k, v
         if layout == "bhsd":  # contiguous [B, H, L, D] storage
             self.q8, self.k8, self.v8 = (x.transpose(1, 2).contiguous() for x in (q8, k8, v8))

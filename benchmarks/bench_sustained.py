@@ -29,12 +29,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_kernels import git_commit  # noqa: E402
 from infinitetalk.runtime.fp8_attention import (  # noqa: E402
-    FP8_MAX,
-    O_MARGIN,
     CudnnFp8Attention,
     fp8_attention_supported,
-    quantize_per_tensor,
-    smooth_keys,
+    quantize_attention_inputs,
 )
 
 HEADS, HEAD_DIM, TOKENS, DIM, FFN = 40, 128, 33_600, 5120, 13824
@@ -81,10 +78,7 @@ def main(argv=None) -> int:
     q = torch.randn(1, TOKENS, HEADS, HEAD_DIM, device=dev, generator=g)
     k = torch.randn(1, TOKENS, HEADS, HEAD_DIM, device=dev, generator=g) + 0.5
     v = torch.randn(1, TOKENS, HEADS, HEAD_DIM, device=dev, generator=g).bfloat16()
-    q8, dq, _ = quantize_per_tensor(q)
-    k8, dk, _ = quantize_per_tensor(smooth_keys(k))
-    v8, dv, amax_v = quantize_per_tensor(v)
-    so = FP8_MAX / (amax_v * O_MARGIN)
+    q8, k8, v8, dq, dk, dv, so = quantize_attention_inputs(q, k, v)
     fp8 = CudnnFp8Attention()
     attn8 = lambda: fp8._run(q8, k8, v8, dq, dk, dv, so)  # noqa: E731
     qb, kb, vb = q.bfloat16().transpose(1, 2), k.bfloat16().transpose(1, 2), v.transpose(1, 2)

@@ -125,6 +125,15 @@ def _quantize_qk(q, k, qk_bounds):
     return q8, dq, k8, dk
 
 
+def quantize_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+) -> tuple[torch.Tensor, ...]:
+    """(q8, k8, v8, descale_q, descale_k, descale_v, scale_o): what the cuDNN graph takes."""
+    q8, dq, k8, dk = _quantize_qk(q, k, qk_bounds)
+    v8, dv, amax_v = quantize_per_tensor(v)
+    return q8, k8, v8, dq, dk, dv, FP8_MAX / (amax_v * O_MARGIN)
+
+
 def emulate_fp8_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 ) -> torch.Tensor:
@@ -133,8 +142,7 @@ def emulate_fp8_attention(
     q, k, v [B, L, H, D] -> [B, Lq, H, D] in v's dtype; `qk_bounds` as in `CudnnFp8Attention`.
     Used by the CPU tests to measure the fp8 error, and on the GPU to check the cuDNN graph.
     """
-    q8, dq, k8, dk = _quantize_qk(q, k, qk_bounds)
-    v8, dv, amax_v = quantize_per_tensor(v)
+    q8, k8, v8, dq, dk, dv, scale_o = quantize_attention_inputs(q, k, v, qk_bounds)
     scale = 1.0 / math.sqrt(q.shape[-1])
     qf = q8.float().transpose(1, 2) * dq.reshape(1)  # [B, H, L, D]
     kf = k8.float().transpose(1, 2) * dk.reshape(1)
@@ -143,7 +151,7 @@ def emulate_fp8_attention(
     p = torch.exp(s - s.amax(-1, keepdim=True))
     p8 = (p * P_SCALE).to(FP8).float()
     o = (p8 @ vf) / (p.sum(-1, keepdim=True) * P_SCALE) * dv.reshape(1)
-    scale_o = FP8_MAX / (amax_v.reshape(1) * O_MARGIN)
+    scale_o = scale_o.reshape(1)
     o8 = (o * scale_o).to(FP8).float() / scale_o
     return o8.transpose(1, 2).to(v.dtype)
 
@@ -222,9 +230,7 @@ class CudnnFp8Attention:
         dtype = v.dtype
         # q and k arrive in float32 from the RoPE; the bf16 path rounds them to bf16 too, and
         # bf16 copies keep the float32 [L, H, D] tensors out of memory while the scales reduce.
-        q8, dq, k8, dk = _quantize_qk(q.to(dtype), k.to(dtype), qk_bounds)
-        v8, dv, amax_v = quantize_per_tensor(v)
-        scale_o = FP8_MAX / (amax_v * O_MARGIN)
+        q8, k8, v8, dq, dk, dv, scale_o = quantize_attention_inputs(q.to(dtype), k.to(dtype), v, qk_bounds)
         # The cuDNN call is a custom op of this object (`_register_op`): torch.compile traces it
         # as one opaque op, so a compiled block stays one graph and fuses the quantisation with
         # the norms and RoPE before it and the dequantisation with the o-projection after it.
