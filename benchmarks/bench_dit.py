@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from gpu_monitor import GpuMonitor  # noqa: E402
 from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig  # noqa: E402
 from infinitetalk.runtime.fast import FastOptions, GuidedDiT, make_fast  # noqa: E402
 
@@ -123,7 +124,8 @@ def forward_flops(cfg: WanDiTConfig, grid, speakers: int, batch: int = 1) -> dic
 
 
 def cuda_time(fn, warmup: int, reps: int, device) -> dict:
-    """Median seconds of `reps` calls after `warmup` (CUDA events; wall clock on the CPU), peak GB."""
+    """Median seconds of `reps` calls after `warmup` (CUDA events; wall clock on the CPU), peak GB,
+    and on CUDA the GPU's mean power and SM clock over the timed calls (energy of one call)."""
     is_cuda = device.type == "cuda"
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -134,21 +136,25 @@ def cuda_time(fn, warmup: int, reps: int, device) -> dict:
     if is_cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(reps):
-        if is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            s = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - s)
+    with GpuMonitor() as monitor:
+        for _ in range(reps):
+            if is_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                s = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - s)
+    power = monitor.summary() if is_cuda else {}
+    if "power_w_mean" in power:  # energy of one call at the mean power while busy
+        power["energy_j"] = round(power["power_w_mean"] * statistics.median(times), 1)
     peak = torch.cuda.max_memory_allocated() / 1e9 if is_cuda else None
     return {"s": statistics.median(times), "times": [round(t, 4) for t in times], "warmup_s": round(first, 2),
-            "peak_gb": None if peak is None else round(peak, 2), "_out": out}
+            "peak_gb": None if peak is None else round(peak, 2), "gpu": power, "_out": out}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -377,24 +383,26 @@ def run(args) -> dict:
         reconfigure("fp8x", fp8_spk, fp8=True, fp8_attention=True, fp8_fast_accum=True)
     if "profile" in phases and device.type == "cuda":  # kernel time breakdown of the last configuration
         s = args.sizes[0]
-        inp = inputs[(s, 1)]
-        with torch.inference_mode():
-            cached = model.precompute_conditions([inp["context"]], inp["clip_fea"], inp["audio"][None])
-            fn = bench.forward_fn(model, inp, cached=cached)
-            fn()
-            torch.cuda.synchronize()
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for n in [int(k) for k in args.profile_speakers]:
+            inp = inputs[(s, n)]
+            with torch.inference_mode():
+                cached = model.precompute_conditions([inp["context"]], inp["clip_fea"], inp["audio"][None])
+                fn = bench.forward_fn(model, inp, cached=cached)
                 fn()
                 torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        print(table, flush=True)
-        res["profile_top"] = [
-            {"name": e.key[:120], "cuda_ms": round(e.device_time_total / 1e3, 2), "calls": e.count}
-            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:40]
-        ]
-        del cached
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+            print(f"profile, {n} speaker(s)", flush=True)
+            print(table, flush=True)
+            res["profile_top" if n == 1 else f"profile_top_{n}spk"] = [
+                {"name": e.key[:120], "cuda_ms": round(e.device_time_total / 1e3, 2), "calls": e.count}
+                for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:60]
+            ]
+            del cached
 
     # accuracy of the fast paths against the baseline output (same random weights and inputs)
     s0 = args.sizes[0]
@@ -503,6 +511,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-mode", default=None)
     p.add_argument("--skip-720-baseline-2spk", action="store_true")
     p.add_argument("--fp8-speakers", default="1,2", type=lambda s: s.split(","))
+    p.add_argument("--profile-speakers", default="1", type=lambda s: s.split(","),
+                   help="speaker counts whose forward the profile phase breaks down into kernels")
     p.add_argument("--commit")
     p.add_argument("--cache", default="context", choices=("context", "all", "none"),
                    help="which keys/values the timed forwards get precomputed (default: the pipeline's 'context')")

@@ -12,6 +12,7 @@
 #   bash benchmarks/run_device.sh v6           # fp8 attention GPU tests; DiT and window with fp8 attention
 #   bash benchmarks/run_device.sh v7           # GPU tests; DiT bf16 / fp8x, profile; memory at the peak (profile_memory.py)
 #   bash benchmarks/run_device.sh v7window     # one --preset fast window: fp8 + fp8 attention, bf16
+#   bash benchmarks/run_device.sh v12probe     # DiT bf16 / fp8x with GPU power, kernel profiles 1 and 2 speakers, bf16 2-speaker memory
 #   bash benchmarks/run_device.sh window       # one --preset fast window: bf16, fp8, fp8 + fp8 attention
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
@@ -96,6 +97,13 @@ case "$what" in
       --reps 3 --out "$OUT/dit_480p_${what}.json" 2>&1 | grep -v "Warning\|warn" | tail -40 | tee "$OUT/bench_480p_${what}.log"
     python3 benchmarks/profile_memory.py --variant fp8x --out "$OUT/memory_fp8x_${what}.json" 2>&1 | grep "GB" | head -8
     python3 benchmarks/bench_window.py --variants fp8x --out "$OUT/window_${what}.json" 2>&1 | tail -4 | tee "$OUT/bench_window_${what}.log"
+    ;;
+  v12probe)  # DiT bf16 / fp8x, 1 and 2 speakers, with GPU power; kernel profiles of both; memory of bf16 2 speakers
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases kernels,fast,fp8x,profile \
+      --profile-speakers 1,2 --reps 3 --out "$OUT/dit_480p_${what}.json" 2>&1 | grep -v "Warning\|warn" | tail -60 \
+      | tee "$OUT/bench_480p_${what}.log"
+    python3 benchmarks/profile_memory.py --variant bf16 --speakers 2 --out "$OUT/memory_bf16_2spk_${what}.json" 2>&1 \
+      | grep "GB" | head -14
     ;;
   v7window)  # routing-map value widths; one --preset fast window, fp8 + fp8 attention, then bf16
     python3 benchmarks/bench_routing_map.py --out "$OUT/routing_map.json" 2>&1 | tail -14
