@@ -98,6 +98,19 @@ case "$what" in
     python3 benchmarks/profile_memory.py --variant fp8x --out "$OUT/memory_fp8x_${what}.json" 2>&1 | grep "GB" | head -8
     python3 benchmarks/bench_window.py --variants fp8x --out "$OUT/window_${what}.json" 2>&1 | tail -4 | tee "$OUT/bench_window_${what}.log"
     ;;
+  v12)  # fused GELU + fp8 quantisation, q/k in bf16 after RoPE, 1-D RoPE table: GPU tests, the GELU kernel, DiT bf16 / fp8x
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fp8_gelu.py tests/test_fp8_attention.py tests/test_fast_path.py -s 2>&1 \
+      | grep -E "passed|failed|rror|\[fp8|\[parity" | tail -30 | tee "$OUT/gpu_tests_${what}.log"
+    python3 benchmarks/bench_fp8_gelu.py --out "$OUT/fp8_gelu_${what}.json" 2>&1 | tail -7
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases kernels,fast,fp8x,profile \
+      --profile-speakers 1,2 --reps 3 --out "$OUT/dit_480p_${what}.json" 2>&1 | grep -v "Warning\|warn" | tail -12 \
+      | tee "$OUT/bench_480p_${what}.log"
+    ;;
+  v12window)  # one --preset fast window (fp8x); memory at the peak, bf16 2 speakers and fp8x 1 speaker
+    python3 benchmarks/bench_window.py --variants fp8x --out "$OUT/window_v12.json" 2>&1 | tail -4 | tee "$OUT/bench_window_v12.log"
+    python3 benchmarks/profile_memory.py --variant bf16 --speakers 2 --out "$OUT/memory_bf16_2spk_v12.json" 2>&1 | grep "GB" | head -6
+    python3 benchmarks/profile_memory.py --variant fp8x --speakers 1 --out "$OUT/memory_fp8x_v12.json" 2>&1 | grep "GB" | head -6
+    ;;
   v12probe)  # DiT bf16 / fp8x, 1 and 2 speakers, with GPU power; kernel profiles of both; memory of bf16 2 speakers
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases kernels,fast,fp8x,profile \
       --profile-speakers 1,2 --reps 3 --out "$OUT/dit_480p_${what}.json" 2>&1 | grep -v "Warning\|warn" | tail -60 \

@@ -196,10 +196,23 @@ def apply_rope_3d(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * table).flatten(3).float()
 
 
-def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1) -> (-x1, x0) for every adjacent channel pair."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+@torch.library.custom_op("infinitetalk::rope_1d_table", mutates_args=())
+def rope_1d_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """cos and sin of the 1-D RoPE angles: positions [..., L] -> float32 [..., L, dim/2, 2].
+
+    Frequencies theta^(-2i/dim) and angles positions x frequency in float32, as the official
+    RotaryPositionalEmbedding1D. A custom op (opaque to torch.compile) so that a compiled block
+    writes this small table once instead of evaluating cos and sin for every head and channel
+    of q (the compiler would inline them into the rotation: 40x the transcendental work).
+    """
+    inv = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2, device=positions.device)[: dim // 2].float() / dim)
+    angles = positions.float().unsqueeze(-1) * inv
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
+
+
+@rope_1d_table.register_fake
+def _(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    return positions.new_empty((*positions.shape, dim // 2, 2), dtype=torch.float32)
 
 
 def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -209,15 +222,15 @@ def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     channel pairs rotate: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). Returns x's dtype.
     """
     dim = x.shape[-1]
-    inv = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2, device=x.device)[: dim // 2].float() / dim)
-    angles = positions.to(device=x.device, dtype=torch.float32).unsqueeze(-1) * inv
-    angles = angles.repeat_interleave(2, dim=-1)  # [..., L, D]
-    if angles.dim() == 2:
-        angles = angles.unsqueeze(0)
-    angles = angles.unsqueeze(2)  # [B or 1, L, 1, D]
-    xf = x.float()
-    out = xf * angles.cos() + _rotate_pairs(xf) * angles.sin()
-    return out.to(x.dtype)
+    table = rope_1d_table(positions.to(device=x.device), dim)  # [B or 1 or -, L, D/2, 2]
+    if table.dim() == 3:
+        table = table.unsqueeze(0)
+    table = table.unsqueeze(2)  # [B or 1, L, 1, D/2, 2]
+    cos, sin = table[..., :1], table[..., 1:]
+    pairs = x.float().unflatten(-1, (dim // 2, 2))
+    # pairs * (cos, cos) + swapped pairs * (-sin, sin): the products and sums of the rotation above
+    out = pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)
+    return out.flatten(3).to(x.dtype)
 
 
 def reference_attention_map(

@@ -243,14 +243,18 @@ class WanSelfAttention(_QKVOAttention):
         k = self.norm_k(k_lin).view(b, length, n, d)
         del q_lin, k_lin
         v = self.v(x).view(b, length, n, d)
-        q = apply_rope_3d(q, rope_table)
-        k = apply_rope_3d(k, rope_table)
+        # RoPE in float32, then q and k in v's dtype, as the official code hands them to flash-attn:
+        # every attention (and the routing map) reads the same rounded values, and no float32
+        # copy of q or k is written (in a compiled block they would be: the attention, the fp8
+        # quantisation and the routing map all read them)
+        q = apply_rope_3d(q, rope_table).to(v.dtype)
+        k = apply_rope_3d(k, rope_table).to(v.dtype)
         ref_map = None
         if ref_masks is not None:
             with torch.no_grad():
-                ref_map = routing_map(q.type_as(x), k.type_as(x), tokens_per_frame, ref_masks)
+                ref_map = routing_map(q, k, tokens_per_frame, ref_masks)
         # q, k and v are not used after this call, so an attention that is opaque to torch.compile
-        # (the cuDNN fp8 graph) does not keep the float32 q and k alive across it
+        # (the cuDNN fp8 graph) does not keep them alive across it
         out = attention(q, k, v) if bounds is None else attention(q, k, v, qk_bounds=bounds)
         return self.o(out.type_as(x).flatten(2)), ref_map
 

@@ -16,6 +16,9 @@ by patching classes or functions:
   (`narrow_attention_map`, same map, 1.62 ms against 2.14 ms per block at 480p on an H100).
 * `fp8`: the big linear layers of every block as `Fp8Linear` (e4m3 weights, per-channel
   scales, `torch._scaled_mm` with per-token scales), see `infinitetalk.runtime.fp8`.
+* `fp8_fused_gelu`: with `fp8`, each FFN computes its GELU and quantises it for the second
+  layer in one pass over the hidden activations (`runtime.fp8_gelu.Fp8GeluFfn`, a Triton
+  kernel on CUDA), instead of a compiled reduction that reads them twice.
 * `fp8_attention`: the video self-attention in fp8 through cuDNN's fp8 SDPA
   (`runtime.fp8_attention.CudnnFp8Attention`; Hopper or later with the cuDNN frontend
   installed, else bf16 with a warning). On an H100 at 480p: 27.8 ms for the kernel against
@@ -70,6 +73,8 @@ class FastOptions:
     fp8: replace the blocks' big linear layers by fp8 ones (quantised now from the weights).
     fp8_fast_accum: the fast-accumulation flag of the fp8 GEMM (faster, less accurate).
     fp8_attention: the video self-attention in fp8 (cuDNN graph; bf16 where unavailable).
+    fp8_fused_gelu: with fp8, the FFN's GELU and the second layer's fp8 quantisation in one
+        pass (`runtime.fp8_gelu`, a Triton kernel on CUDA); where the fp8 GEMM runs.
     ffn_chunks: run each block's FFN on this many token chunks (exact; less peak memory).
     compile_blocks: torch.compile each transformer block (regional compilation).
     compile_mode: torch.compile mode (None = default; "max-autotune-no-cudagraphs" tunes longer).
@@ -85,6 +90,7 @@ class FastOptions:
     fp8: bool = False
     fp8_fast_accum: bool = False
     fp8_attention: bool = False
+    fp8_fused_gelu: bool = True
     ffn_chunks: int = 1
     compile_blocks: bool = True
     compile_mode: Optional[str] = None
@@ -154,11 +160,20 @@ def make_fast(model: InfiniteTalkDiT, options: FastOptions = FastOptions()) -> I
         from .fp8 import is_dit_fp8_layer, quantize_module
 
         quantize_module(model, lambda name, _m: is_dit_fp8_layer(name), use_fast_accum=options.fp8_fast_accum)
-    from .fp8 import Fp8Linear
+    from .fp8 import Fp8Linear, scaled_mm_supported
+    from .fp8_gelu import Fp8GeluFfn
 
     for module in model.modules():
         if isinstance(module, Fp8Linear):  # also the layers loaded in fp8
             module.use_fast_accum = options.fp8_fast_accum
+    # the fused FFN where the fp8 GEMM runs (or is emulated exactly, on the CPU); on GPUs without
+    # fp8 GEMMs the layers dequantise their weights, and the plain FFN keeps that path
+    fuse_gelu = options.fp8_fused_gelu and (model.device.type == "cpu" or scaled_mm_supported(model.device))
+    for block in model.blocks:
+        if fuse_gelu and not isinstance(block.ffn, Fp8GeluFfn) and Fp8GeluFfn.fusable(block.ffn):
+            block.ffn = Fp8GeluFfn.from_ffn(block.ffn)
+        elif not fuse_gelu and isinstance(block.ffn, Fp8GeluFfn):
+            block.ffn = torch.nn.Sequential(*block.ffn)
     model.ffn_chunks = int(options.ffn_chunks)
     if options.compile_blocks:
         for block in model.blocks:

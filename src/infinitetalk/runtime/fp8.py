@@ -211,28 +211,47 @@ class Fp8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _forward_scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         x_q, x_scale = quantize_activation_rowwise(x2)
-        bias = self.bias.to(out_dtype) if self.bias is not None else None
+        return self._scaled_mm(x_q, x_scale, x2.dtype)
+
+    def _scaled_mm(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        kernel_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        bias = self.bias.to(kernel_dtype) if self.bias is not None else None
         y = torch._scaled_mm(
             x_q,
             self.weight.t(),
             scale_a=x_scale,
             scale_b=self.weight_scale.reshape(1, -1),
             bias=bias,
-            out_dtype=out_dtype,
+            out_dtype=kernel_dtype,
             use_fast_accum=self.use_fast_accum,
         )
-        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def forward_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The layer on an input already quantised per row: x_q [M, in] e4m3, x_scale [M, 1] float32.
+
+        For producers that quantise in the same pass as they compute (`runtime.fp8_gelu`). Same
+        kernel as `forward` (or its emulation off CUDA), output [M, out] in `out_dtype`.
+        """
+        if x_q.dtype != FP8_DTYPE or x_q.dim() != 2 or x_q.shape[1] != self.in_features:
+            raise ValueError(f"forward_quantized needs a [M, {self.in_features}] float8_e4m3fn input, got "
+                             f"{x_q.dtype} {tuple(x_q.shape)}")
+        if x_q.is_cuda and self._kernel_ok(x_q):
+            return self._scaled_mm(x_q, x_scale, out_dtype)
+        return self._emulate(x_q, x_scale, out_dtype)
+
+    def _emulate(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        y = (x_q.float() @ self.weight.float().t()) * x_scale * self.weight_scale.reshape(1, -1)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(out_dtype)
 
     def _forward_emulated(self, x2: torch.Tensor) -> torch.Tensor:
         # What the kernel computes: exact fp8 x fp8 products summed in float32, then the
         # per-row and per-column scales, then the bias, rounded once to the output dtype.
         x_q, x_scale = quantize_activation_rowwise(x2)
-        y = (x_q.float() @ self.weight.float().t()) * x_scale * self.weight_scale.reshape(1, -1)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x2.dtype)
+        return self._emulate(x_q, x_scale, x2.dtype)
 
     def _forward_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
         w = dequantize_weight(self.weight, self.weight_scale, x2.dtype)
