@@ -80,12 +80,17 @@ def main(argv=None) -> int:
     p.add_argument("--speakers", type=int, default=1)
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--out", type=Path)
+    p.add_argument("--layers", type=int, default=None, help="blocks in the model (default: the 14B's 40)")
+    p.add_argument("--dump-code", type=Path, default=None,
+                   help="write the generated (inductor) code of the compiled blocks to this folder")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 0
     dev = torch.device("cuda")
     cfg = WanDiTConfig.infinitetalk_14b()
+    if args.layers:
+        cfg = cfg.replace(num_layers=args.layers)
     model = build_random_model(cfg, dev, torch.bfloat16)
     make_fast(model, FastOptions(**VARIANTS[args.variant]))
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -97,7 +102,15 @@ def main(argv=None) -> int:
         cached = model.precompute_conditions([inp["context"]], inp["clip_fea"], inp["audio"][None])
         x, y, t = inp["x"][None], inp["y"][None], inp["t"]
         fn = lambda: model(x, t, y=y, ref_target_masks=inp["ref_target_masks"], conditions=cached)  # noqa: E731
-        fn()
+        if args.dump_code:
+            from torch._inductor.utils import run_and_get_code
+
+            _, codes = run_and_get_code(fn)
+            args.dump_code.mkdir(parents=True, exist_ok=True)
+            for i, code in enumerate(codes):
+                (args.dump_code / f"{args.variant}_{args.speakers}spk_graph{i}.py").write_text(code)
+        else:
+            fn()
         torch.cuda.synchronize()
         res["conditions_gb"] = round(cached.nbytes() / 1e9, 3)
         res["allocated_before_gb"] = round(torch.cuda.memory_allocated() / 1e9, 3)

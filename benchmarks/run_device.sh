@@ -111,6 +111,10 @@ case "$what" in
     python3 benchmarks/profile_memory.py --variant bf16 --speakers 2 --out "$OUT/memory_bf16_2spk_v12.json" 2>&1 | grep "GB" | head -6
     python3 benchmarks/profile_memory.py --variant fp8x --speakers 1 --out "$OUT/memory_fp8x_v12.json" 2>&1 | grep "GB" | head -6
     ;;
+  codedump)  # the generated code of the compiled blocks (2 layers), bf16 2 speakers and fp8x 1 speaker, with memory
+    python3 benchmarks/profile_memory.py --variant bf16 --speakers 2 --layers 2 --dump-code "$OUT/code" 2>&1 | grep "GB" | head -5
+    python3 benchmarks/profile_memory.py --variant fp8x --speakers 1 --layers 2 --dump-code "$OUT/code" 2>&1 | grep "GB" | head -5
+    ;;
   v12probe)  # DiT bf16 / fp8x, 1 and 2 speakers, with GPU power; kernel profiles of both; memory of bf16 2 speakers
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases kernels,fast,fp8x,profile \
       --profile-speakers 1,2 --reps 3 --out "$OUT/dit_480p_${what}.json" 2>&1 | grep -v "Warning\|warn" | tail -60 \
