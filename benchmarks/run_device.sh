@@ -111,6 +111,12 @@ case "$what" in
     python3 benchmarks/profile_memory.py --variant bf16 --speakers 2 --out "$OUT/memory_bf16_2spk_v12.json" 2>&1 | grep "GB" | head -6
     python3 benchmarks/profile_memory.py --variant fp8x --speakers 1 --out "$OUT/memory_fp8x_v12.json" 2>&1 | grep "GB" | head -6
     ;;
+  v12check)  # review of the final commit: GPU tests, DiT fp8x 1 and 2 speakers with the floor kernels
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fp8_gelu.py tests/test_fp8_attention.py tests/test_fast_path.py -s 2>&1 \
+      | grep -E "passed|failed|rror|\[fp8" | tail -12 | tee "$OUT/gpu_tests_${what}.log"
+    python3 benchmarks/bench_dit.py --sizes 480 --speakers 1,2 --fp8-speakers 1,2 --phases kernels,fp8x \
+      --reps 3 --out "$OUT/dit_480p_${what}.json" 2>&1 | grep -v "Warning\|warn" | tail -8
+    ;;
   codedump)  # the generated code of the compiled blocks (2 layers), bf16 2 speakers and fp8x 1 speaker, with memory
     python3 benchmarks/profile_memory.py --variant bf16 --speakers 2 --layers 2 --dump-code "$OUT/code" 2>&1 | grep "GB" | head -5
     python3 benchmarks/profile_memory.py --variant fp8x --speakers 1 --layers 2 --dump-code "$OUT/code" 2>&1 | grep "GB" | head -5
