@@ -184,16 +184,23 @@ def apply_rope_3d(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     if table.shape[0] != length:
         raise ValueError(f"RoPE table has {table.shape[0]} rows but the sequence has {length} tokens")
     if not table.is_complex():
-        # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) written as pairs * (cos, cos) +
-        # swapped pairs * (-sin, sin): the same float32 products and sums as the complex
-        # product, and element-wise only (no stack), so a compiled block fuses the rotation
-        # into what reads q and k instead of writing them out in float32.
-        pairs = x.float().unflatten(-1, (dim // 2, 2))
-        cos, sin = table[..., :1], table[..., 1:]
-        return (pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)).flatten(3)
+        # the same float32 products and sums as the complex product, element-wise only
+        return _rotate_pairs_by(x.float(), table)
     real = torch.float64 if table.dtype == torch.complex128 else torch.float32
     xc = torch.view_as_complex(x.to(real).reshape(b, length, heads, dim // 2, 2))
     return torch.view_as_real(xc * table).flatten(3).float()
+
+
+def _rotate_pairs_by(xf: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate the adjacent channel pairs of xf [..., D] by a (cos, sin) table [..., D/2, 2].
+
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), written as pairs * (cos, cos) + swapped pairs
+    * (-sin, sin): the products and sums of the complex product, element-wise only (no stack),
+    so a compiled block fuses the rotation into what reads its result.
+    """
+    pairs = xf.unflatten(-1, (xf.shape[-1] // 2, 2))
+    cos, sin = table[..., :1], table[..., 1:]
+    return (pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)).flatten(-2)
 
 
 @torch.library.custom_op("infinitetalk::rope_1d_table", mutates_args=())
@@ -226,11 +233,7 @@ def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     if table.dim() == 3:
         table = table.unsqueeze(0)
     table = table.unsqueeze(2)  # [B or 1, L, 1, D/2, 2]
-    cos, sin = table[..., :1], table[..., 1:]
-    pairs = x.float().unflatten(-1, (dim // 2, 2))
-    # pairs * (cos, cos) + swapped pairs * (-sin, sin): the products and sums of the rotation above
-    out = pairs * cos + pairs.flip(-1) * torch.cat((-sin, sin), dim=-1)
-    return out.flatten(3).to(x.dtype)
+    return _rotate_pairs_by(x.float(), table).to(x.dtype)
 
 
 def reference_attention_map(

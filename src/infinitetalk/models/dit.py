@@ -244,9 +244,9 @@ class WanSelfAttention(_QKVOAttention):
         del q_lin, k_lin
         v = self.v(x).view(b, length, n, d)
         # RoPE in float32, then q and k in v's dtype, as the official code hands them to flash-attn:
-        # every attention (and the routing map) reads the same rounded values, and no float32
-        # copy of q or k is written (in a compiled block they would be: the attention, the fp8
-        # quantisation and the routing map all read them)
+        # every attention (and the routing map) reads the same rounded values. (A compiled block
+        # still writes the float32 RoPE output: inductor realises the inlined norm + RoPE before
+        # the cast, benchmarks/NOTES.md v12.)
         q = apply_rope_3d(q, rope_table).to(v.dtype)
         k = apply_rope_3d(k, rope_table).to(v.dtype)
         ref_map = None

@@ -27,11 +27,10 @@ import math
 import torch
 from torch import nn
 
-from .fp8 import FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_activation_rowwise
+from .fp8 import _MIN_ACT_SCALE, FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_activation_rowwise
 
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
-_MIN_ACT_SCALE = 1e-12
 
 
 def gelu_tanh_float32(h: torch.Tensor) -> torch.Tensor:
