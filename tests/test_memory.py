@@ -35,7 +35,7 @@ image, audio, output = sys.argv[1:4]
 proc = psutil.Process()
 after_window = []
 def on_event(event):
-    if event.stage == "window" and event.message.startswith("finished"):
+    if event.kind == "window_finished":
         after_window.append(proc.memory_info().rss / 2**20)
 pipe = InfiniteTalk.from_pretrained(model="tiny", device="cpu")
 pipe.generate(output, image=image, audio=audio, sample_steps=1, progress=on_event)

@@ -200,7 +200,7 @@ def test_progress_and_errors():
     x0, noise = _data()
     sample_window(lambda l, t, b, c: l, noise, x0[:, :1], 1, GenerationConfig(sample_steps=4), None,
                   ProgressTracker(events.append), first_window=True)
-    assert [(e.stage, e.current, e.total) for e in events] == [("step", i, 4) for i in range(1, 5)]
+    assert [(e.kind, e.step, e.steps) for e in events] == [("step_finished", i, 4) for i in range(1, 5)]
     with pytest.raises(ValueError):
         sample_window(lambda l, t, b, c: l, noise, x0[:, :2], 1, GenerationConfig(sample_steps=2), None, None,
                       first_window=True)

@@ -10,11 +10,10 @@ import argparse
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Optional, TextIO
 
-from .errors import DeviceOutOfMemoryError, InfiniteTalkError, InputError
+from .errors import InfiniteTalkError, InputError
 
 GENERATE_EXAMPLES = """\
 examples:
@@ -162,18 +161,14 @@ def _clock(seconds: Optional[float]) -> str:
 
 
 class ConsolePrinter:
-    """Progress events -> lines on stderr: per window, per step (with elapsed time and ETA).
+    """Typed progress events -> lines on stderr (elapsed time and ETA from the events).
 
-    On a terminal the step line is rewritten in place; otherwise one line per step is printed.
+    On a terminal the step line is rewritten in place; otherwise only window lines are printed.
     """
 
     def __init__(self, stream: TextIO = sys.stderr):
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.window = 0
-        self.windows = 0
-        self.first_window: Optional[int] = None
-        self.started: Optional[float] = None
         self._open_line = False
 
     def _line(self, text: str, transient: bool = False) -> None:
@@ -187,141 +182,73 @@ class ConsolePrinter:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def _eta(self, step: int, steps: int) -> Optional[float]:
-        if self.started is None or self.first_window is None or not self.windows:
-            return None
-        done = (self.window - self.first_window) + (step / steps if steps else 0.0)
-        todo = self.windows - self.first_window
-        if done <= 0:
-            return None
-        elapsed = time.monotonic() - self.started
-        return elapsed / done * (todo - done)
-
     def __call__(self, event) -> None:
-        if event.stage == "window" and event.message.startswith("window"):
-            self.window, self.windows = event.current, event.total
-            if self.first_window is None:
-                self.first_window = event.current
-                self.started = time.monotonic()
-            self._line(f"window {event.current + 1}/{event.total}  elapsed {_clock(event.elapsed_s)}  "
-                       f"eta {_clock(self._eta(0, 1))}")
-        elif event.stage == "step":
-            eta = self._eta(event.current, event.total)
-            self._line(f"  window {self.window + 1}/{self.windows} step {event.current}/{event.total}  "
-                       f"elapsed {_clock(event.elapsed_s)}  eta {_clock(eta)}", transient=True)
-        elif event.stage in ("encode", "write", "resume", "done"):
-            self._line(event.message)
+        from . import progress as ev
+
+        times = f"elapsed {_clock(event.elapsed_s)}  eta {_clock(event.eta_s)}"
+        if isinstance(event, ev.JobStarted):
+            self._line(f"{event.frames} frames ({event.duration_s:.2f} s) at {event.width}x{event.height}, "
+                       f"{event.windows} window(s) of {event.steps} steps, seed {event.seed}")
+        elif isinstance(event, ev.StageStarted) and event.message:
+            self._line(event.message + " ...")
+        elif isinstance(event, ev.WindowFinished):
+            self._line(f"window {event.index + 1}/{event.count} done  {times}")
+        elif isinstance(event, ev.StepFinished) and self.tty:
+            self._line(f"  window {event.window + 1}/{event.windows} step {event.step}/{event.steps}  {times}",
+                       transient=True)
+        elif isinstance(event, ev.Notice):
+            self._line(("note: " if event.level != "info" else "") + event.message)
+        elif isinstance(event, ev.JobFinished) and event.output:
+            self._line(f"wrote {event.output} ({event.frames} frames, {event.duration_s:.2f} s) "
+                       f"in {_clock(event.elapsed_s)}")
 
 
 # ---- commands ------------------------------------------------------------------------------
 
 
-def _request_and_config(args: argparse.Namespace):
-    from .generation.inputs import GenerationRequest, parse_box, read_input_json
-    from .generation.pipeline import config_for
+def job_spec(args: argparse.Namespace):
+    """The job description of `infinitetalk generate` arguments."""
+    from .generation.inputs import parse_box
+    from .service import JobSpec, RuntimeOptions
 
-    fields: dict = read_input_json(args.input_json) if args.input_json else {}
-    if args.image or args.video:
-        fields.pop("image", None)
-        fields.pop("video", None)
-        fields["image" if args.image else "video"] = args.image or args.video
-    for key in ("audio", "audio2", "prompt", "negative_prompt", "audio_type"):
-        value = getattr(args, key)
-        if value is not None:
-            fields[key] = value
-    boxes = (parse_box(args.bbox1, "speaker 1"), parse_box(args.bbox2, "speaker 2"))
-    if any(b is not None for b in boxes):
-        fields["boxes"] = boxes
-    if "audio" not in fields:
-        raise InputError("Give the speech with --audio PATH (or cond_audio.person1 in --input-json).")
-    if "image" not in fields and "video" not in fields:
-        raise InputError("Give a portrait with --image PATH or a video to dub with --video PATH.")
-    request = GenerationRequest(**fields)
-
-    settings: dict = {}
-    if args.preset:
-        from .config import PRESETS
-
-        settings.update(PRESETS[args.preset]["settings"])
-    flag_map = {"size": "size", "mode": "mode", "steps": "sample_steps", "seed": "seed", "shift": "shift",
-                "text_guide_scale": "text_guide_scale", "audio_guide_scale": "audio_guide_scale",
-                "color_correction": "color_correction_strength"}
-    for flag, name in flag_map.items():
-        value = getattr(args, flag)
-        if value is not None:
-            settings[name] = value
-    if args.teacache:
-        settings["use_teacache"] = True
-    if args.max_seconds is not None:
-        if not args.max_seconds > 0:
-            raise InputError(f"--max-seconds must be positive, got {args.max_seconds}.")
-        settings["max_frames"] = max(1, int(args.max_seconds * 25 + 1e-6))
-    return request, config_for(args.model, None, **settings)
+    runtime = RuntimeOptions(
+        model=args.model, weights=args.weights, variant=args.variant, device=args.device,
+        dtype=DTYPES[args.dtype] if args.dtype else None, fast=args.fast, fp8=args.fp8,
+        fp8_attention=args.fp8_attention, loras=tuple(_loras(args)),
+    )
+    return JobSpec(
+        output=args.output, audio=args.audio, image=args.image, video=args.video, audio2=args.audio2,
+        audio_type=args.audio_type, bbox1=parse_box(args.bbox1, "speaker 1"), bbox2=parse_box(args.bbox2, "speaker 2"),
+        prompt=args.prompt, negative_prompt=args.negative_prompt, input_json=args.input_json, preset=args.preset,
+        size=args.size, mode=args.mode, steps=args.steps, seed=args.seed, shift=args.shift,
+        text_guide_scale=args.text_guide_scale, audio_guide_scale=args.audio_guide_scale,
+        color_correction=args.color_correction, teacache=args.teacache, max_seconds=args.max_seconds,
+        resume=args.resume, runtime=runtime,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from .service import JobService
 
-    from .generation.inputs import prepare_inputs
-    from .generation.job_state import JobDir
-    from .generation.pipeline import InfiniteTalk, job_settings, runtime_settings
-
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    request, cfg = _request_and_config(args)
-    output = Path(args.output).expanduser()
-    if output.is_dir():
-        raise InputError(f"--output {output} is a folder; give a file name such as {output / 'talk.mp4'}.")
-    inputs = prepare_inputs(request, cfg)  # every input is checked before a model is loaded
-    variant = args.variant or ("multi" if request.speakers == 2 else "single")
-    if args.model == "tiny":
-        say("note: --model tiny uses small RANDOM models of every component: the video is noise, not a face "
-            "(for trying the tool and for tests).")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    if args.resume:  # refuse a mismatching job before spending time on the models
-        JobDir(output).check_resumable(
-            job_settings(inputs, cfg, args.model, variant, args.device, dtype, runtime_settings(args.fp8, _loras(args), args.fp8_attention))
-        )
-    loras = _loras(args)
-    say(f"loading {args.model} ({variant}) ...")
-    pipe = InfiniteTalk.from_pretrained(
-        args.weights, device=args.device, dtype=dtype, variant=variant, model=args.model,
-        fast=args.fast, fp8=args.fp8, loras=loras, fp8_attention=args.fp8_attention,
-    )
-    plan = pipe.plan(inputs, cfg)
-    h, w = inputs.target_hw
-    say(f"{plan.total_frames} frames ({plan.duration_s:.2f} s) at {w}x{h}, {len(plan)} window(s) of "
-        f"{cfg.sample_steps} steps, seed {cfg.seed}")
+    spec = job_spec(args)
     progress = None if args.quiet else ConsolePrinter(sys.stderr)
-    try:
-        path = pipe.generate(output, inputs=inputs, config=cfg, progress=progress, resume=args.resume)
-    except torch.cuda.OutOfMemoryError as err:
-        raise DeviceOutOfMemoryError(
-            f"The GPU ran out of memory ({err}). Use a smaller --size, fewer speakers, or a GPU with more memory; "
-            "the finished windows are kept: add --resume to continue."
-        ) from err
-    say(f"wrote {path}")
+    JobService().run(spec, progress=progress)
     return 0
 
 
 def _loras(args: argparse.Namespace) -> list:
-    """--lora PATH[:SCALE] values, plus the LoRA a preset needs (official model only)."""
+    """--lora PATH[:SCALE] values as (path, scale); the service adds a preset's own LoRA."""
     loras = []
     for value in args.lora:
         path, sep, scale = value.rpartition(":")
         if not sep or not path or "/" in scale or "\\" in scale:
             path, scale = value, "1"
         try:
-            loras.append((Path(path).expanduser(), float(scale)))
+            loras.append((str(Path(path).expanduser()), float(scale)))
         except ValueError:
             raise InputError(f"--lora {value}: the scale after ':' must be a number, e.g. --lora file.safetensors:0.8.")
-        if not loras[-1][0].is_file():
+        if not Path(loras[-1][0]).is_file():
             raise InputError(f"--lora {value}: the file {loras[-1][0]} does not exist.")
-    if args.preset and not loras and args.model != "tiny":
-        from .weights.hub import preset_lora
-
-        found = preset_lora(args.weights, args.preset)
-        if found is not None:
-            loras.append(found)
     return loras
 
 

@@ -50,3 +50,9 @@ class ResumeError(InfiniteTalkError):
 
 class DeviceOutOfMemoryError(InfiniteTalkError):
     """The accelerator ran out of memory; the message suggests the options that use less."""
+
+
+class JobCancelledError(InfiniteTalkError):
+    """The job was cancelled (cancel token, Ctrl-C); its finished windows are kept for a resume."""
+
+    exit_code = 130

@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..media.frames import VideoFrameReader, prepare_frame
 from ..media.segments import concat_segments, write_segment
 from ..media.writer import to_uint8_frames
-from ..progress import ProgressCallback, ProgressTracker
+from ..progress import CancelToken, ProgressCallback, ProgressTracker
 from .audio_windows import audio_window, extend_by_reflection
 from .color import match_and_blend_colors
 from ..runtime.fast import GuidedDiT
@@ -114,12 +114,12 @@ def job_settings(
     }
 
 
-def runtime_settings(fp8: bool, loras: Sequence[tuple[PathLike, float]], fp8_attention: bool = False) -> dict:
-    """The model options that change the video (for the resume settings hash)."""
-    out = {"fp8": bool(fp8), "loras": [[Path(p).name, float(scale)] for p, scale in loras]}
-    if fp8_attention:  # only when on, so jobs started before the option existed still resume
-        out["fp8_attention"] = True
-    return out
+def runtime_settings(fp8: bool, loras: Sequence[tuple[PathLike, float]], fp8_attention: bool = False,
+                     *, fast: bool = False) -> dict:
+    """The model options that change the video (for the resume settings hash): fp8 layers, fp8
+    attention, the merged LoRAs (by file name and scale) and the fast path (VAE dtype, kernels)."""
+    return {"fp8": bool(fp8), "fp8_attention": bool(fp8_attention), "fast": bool(fast),
+            "loras": [[Path(p).name, float(scale)] for p, scale in loras]}
 
 
 def default_device() -> torch.device:
@@ -236,7 +236,7 @@ class InfiniteTalk:
             components = cls._tiny_components(seed, dev, dt, variant, fp8)
         else:
             components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast)
-        components.runtime = runtime_settings(fp8, loras, fp8_attention)
+        components.runtime = runtime_settings(fp8, loras, fp8_attention, fast=use_fast)
         if use_fast:
             from ..runtime.fast import FastOptions, make_fast
 
@@ -332,6 +332,7 @@ class InfiniteTalk:
         inputs: Optional[PreparedInputs] = None,
         config: Optional[GenerationConfig] = None,
         progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
         **request,
     ) -> Iterator[WindowFrames]:
         """Yield each window's new frames as soon as it is made (see `WindowFrames`).
@@ -345,10 +346,13 @@ class InfiniteTalk:
         elif config is None:
             config = self.default_config()
         plan = self.plan(inputs, config)
-        tracker = ProgressTracker(progress)
+        tracker = ProgressTracker(progress, cancel)
+        self._job_started(tracker, inputs, config, plan, 0)
         for result in self._run(inputs, config, plan, tracker, None):
             w = result.window
             yield WindowFrames(result.frames, w.index, len(plan), w.out_start, w.out_end)
+            tracker.window_finished(w.index, len(plan), result.frames.shape[0], w.out_end)
+        tracker.finished(None, plan.total_frames, plan.duration_s)
 
     def generate(
         self,
@@ -357,6 +361,8 @@ class InfiniteTalk:
         config: Optional[GenerationConfig] = None,
         progress: Optional[ProgressCallback] = None,
         resume: bool = False,
+        cancel: Optional[CancelToken] = None,
+        settings: Optional[dict] = None,
         **request,
     ) -> Path:
         """Make the whole video into `output` (MP4, H.264 + AAC, 25 fps) and return its path.
@@ -365,6 +371,12 @@ class InfiniteTalk:
         or kill, the same call with `resume=True` continues from the last finished window and
         gives the same video as an uninterrupted run. The output appears (atomic rename) only
         when complete.
+
+        `progress` gets typed events (`infinitetalk.progress`); a `ProgressTracker` may be passed
+        instead to continue a job's event stream (the job service does). `cancel` (a CancelToken)
+        stops the job at the next step or window boundary with JobCancelledError, finished
+        windows kept. `settings` is the resume key (the job service builds it from the whole
+        job description; by default it is built from the inputs, config and loaded models).
         """
         if inputs is None:
             inputs, config = self.prepare(config, **request)
@@ -375,22 +387,35 @@ class InfiniteTalk:
             raise InputError(f"The output path {output} is a folder; give a file name such as {output / 'out.mp4'}.")
         self._check_options(inputs, config)
         plan = self.plan(inputs, config)
-        tracker = ProgressTracker(progress)
+        tracker = progress if isinstance(progress, ProgressTracker) else ProgressTracker(progress, cancel)
         job = JobDir(output)
-        state = job.start(self._job_settings(inputs, config), resume)
+        state = job.start(self._job_settings(inputs, config) if settings is None else settings, resume)
+        first = state.next_window if state is not None else 0
+        self._job_started(tracker, inputs, config, plan, first)
         if state is not None:
-            tracker.emit("resume", state.next_window, len(plan), f"resuming at window {state.next_window + 1}/{len(plan)}")
+            tracker.notice(f"resuming at window {min(first, len(plan) - 1) + 1}/{len(plan)}")
         frames_done = state.frames_written if state is not None else 0
         for result in self._run(inputs, config, plan, tracker, state):
             index = result.window.index
             write_segment(job.segment_path(index), result.frames)
             frames_done += result.frames.shape[0]
             job.save_state(JobState(index + 1, frames_done, result.motion, result.rng_state))
-        tracker.emit("write", 0, 0, f"writing {output}")
-        concat_segments(job.segments(len(plan)), output, audio=inputs.tracks.mix, sample_rate=inputs.tracks.sample_rate)
+            tracker.window_finished(index, len(plan), result.frames.shape[0], result.window.out_end,
+                                    str(job.segment_path(index)))
+        tracker.check_cancel()
+        with tracker.stage("write", f"writing {output}"):
+            concat_segments(job.segments(len(plan)), output, audio=inputs.tracks.mix,
+                            sample_rate=inputs.tracks.sample_rate)
         job.remove()
-        tracker.emit("done", len(plan), len(plan), f"wrote {output} ({plan.total_frames} frames, {plan.duration_s:.2f} s)")
+        tracker.finished(str(output), plan.total_frames, plan.duration_s)
         return output
+
+    @staticmethod
+    def _job_started(tracker: ProgressTracker, inputs: PreparedInputs, cfg: GenerationConfig, plan: WindowPlan,
+                     first: int) -> None:
+        h, w = inputs.target_hw
+        tracker.job_started(windows=len(plan), frames=plan.total_frames, duration_s=plan.duration_s, width=w,
+                            height=h, steps=cfg.sample_steps, seed=cfg.seed, first_window=first)
 
     # ---- internals -------------------------------------------------------------------------
     def _check_options(self, inputs: PreparedInputs, cfg: GenerationConfig) -> None:
@@ -403,14 +428,14 @@ class InfiniteTalk:
 
     def _encode_job(self, inputs: PreparedInputs, cfg: GenerationConfig, tracker: ProgressTracker):
         c = self.components
-        tracker.emit("encode", 0, 0, "encoding the speech (wav2vec2)")
-        # kept on the host in the DiT's dtype: the official loop casts each window to it anyway,
-        # and bf16 halves the memory of long jobs (an hour of speech: 1.7 GB instead of 3.3 GB)
-        features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
-        tracker.emit("encode", 0, 0, "encoding the prompt (umT5)")
-        negative = inputs.request.negative_prompt
-        negative = cfg.negative_prompt if negative is None else negative
-        context, context_null = c.text_encoder.encode([inputs.request.prompt, negative])
+        with tracker.stage("encode_audio", "encoding the speech (wav2vec2)"):
+            # kept on the host in the DiT's dtype: the official loop casts each window to it anyway,
+            # and bf16 halves the memory of long jobs
+            features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
+        with tracker.stage("encode_prompt", "encoding the prompt (umT5)"):
+            negative = inputs.request.negative_prompt
+            negative = cfg.negative_prompt if negative is None else negative
+            context, context_null = c.text_encoder.encode([inputs.request.prompt, negative])
         return features, context.to(self.device), context_null.to(self.device)
 
     def _audio_for(self, features: Sequence[torch.Tensor], window: Window, frame_num: int) -> torch.Tensor:
@@ -449,7 +474,7 @@ class InfiniteTalk:
         try:
             for window in plan.windows[start:]:
                 n = len(plan)
-                tracker.emit("window", window.index, n, f"window {window.index + 1}/{n}", window=window.index)
+                tracker.window_started(window.index, n)
                 if reader is not None and not window.is_first:
                     cond = prepare_frame(reader.frame_at(window.reference_time_s), inputs.target_hw)
                 else:
@@ -473,7 +498,6 @@ class InfiniteTalk:
                     denoiser.predict_branch, noise, motion, window.motion_latent_frames, cfg, generator, tracker,
                     first_window=window.is_first, timestep_modulation=modulation,
                 )
-                tracker.emit("decode", window.index, n, "decoding (VAE)")
                 video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents, fast=c.vae_fast)[0].float().cpu()
                 del latent, noise, denoiser
                 if cfg.color_correction_strength > 0:
@@ -482,7 +506,6 @@ class InfiniteTalk:
                 frames = to_uint8_frames(video[:, window.keep])
                 del video
                 yield _WindowResult(window, frames, motion_frames, generator.get_state())
-                tracker.emit("window", window.index + 1, n, f"finished window {window.index + 1}/{n}", window=window.index)
         finally:
             if reader is not None:
                 reader.close()

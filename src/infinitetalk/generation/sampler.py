@@ -174,7 +174,7 @@ def sample_window(
             consume_motion_noise()
         latent[:, :n] = motion
         if progress is not None:
-            progress.emit("step", i + 1, steps, f"step {i + 1}/{steps}")
+            progress.step(i + 1, steps)
     if teacache is not None:
         skipped = sum(not c for v in teacache.computed.values() for c in v)
         log.debug("TeaCache skipped %d of %d model evaluations", skipped, steps * len(guidance.branches))

@@ -1,0 +1,305 @@
+"""`JobService`: the one entry every front end calls to check and run a job.
+
+    service = JobService()                       # keeps loaded models between jobs
+    prepared = service.check(spec)               # every input checked, nothing loaded
+    result = service.run(spec, progress=print_event, cancel=token)
+
+`check` resolves the preset (settings and LoRA file), the device, dtype and adapter variant,
+decodes and validates every input, builds the resume key from the whole job description
+(`resume_key`), and refuses a mismatching `resume` before any model loads. `run` then gets a
+pipeline (reused when the model settings match the last job's), generates, and maps failures
+to typed errors: out of GPU memory becomes `DeviceOutOfMemoryError` with a sentence, a cancel
+becomes `JobCancelledError` (finished windows kept, the job resumable). Exactly one of
+JobFinished / JobFailed / JobCancelled ends the event stream of a job.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..config import FPS, GenerationConfig
+from ..errors import DeviceOutOfMemoryError, InfiniteTalkError, InputError, JobCancelledError
+from ..progress import CancelToken, ProgressCallback, ProgressTracker
+from .job import JobSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Everything that decides which models are loaded (the cache key of loaded pipelines)."""
+
+    model: str
+    weights: Optional[str]
+    variant: str
+    device: str
+    dtype: str
+    fast: bool
+    fp8: bool
+    fp8_attention: bool
+    loras: tuple[tuple[str, float], ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class PreparedJob:
+    """A checked job: the decoded inputs, the resolved settings and its resume key."""
+
+    spec: JobSpec
+    output: Path
+    inputs: object  # generation.inputs.PreparedInputs
+    config: GenerationConfig
+    plan: object  # generation.windows.WindowPlan
+    model: ModelSettings
+    key: dict  # the resume key (see resume_key)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    output: Path
+    frames: int
+    duration_s: float
+    windows: int
+    seconds: float
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"Unknown device {device!r}; use cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"The device {device!r} is not supported; use cpu, cuda or cuda:N.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"The device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"There is no GPU {device!r}; this machine has {torch.cuda.device_count()} "
+                             "(cuda:0 ... ).")
+    return dev
+
+
+def resolve_config(spec: JobSpec) -> GenerationConfig:
+    """The GenerationConfig of a job: preset, then explicit fields, then the model's defaults."""
+    from ..generation.pipeline import config_for
+
+    settings = spec.settings()
+    if spec.max_seconds is not None:
+        if not (isinstance(spec.max_seconds, (int, float)) and math.isfinite(spec.max_seconds) and spec.max_seconds > 0):
+            raise InputError(f"max seconds must be a positive number of seconds, got {spec.max_seconds}.")
+        settings["max_frames"] = max(1, int(spec.max_seconds * FPS + 1e-6))
+    base = GenerationConfig.from_preset(spec.preset) if spec.preset else None
+    return config_for(spec.runtime.model, base, **settings)
+
+
+def build_request(spec: JobSpec):
+    """The GenerationRequest of a job (input JSON first, explicit fields on top)."""
+    from ..generation.inputs import GenerationRequest, read_input_json
+
+    fields: dict = read_input_json(spec.input_json) if spec.input_json else {}
+    if spec.image or spec.video:
+        fields.pop("image", None)
+        fields.pop("video", None)
+        fields["image" if spec.image else "video"] = spec.image or spec.video
+    for key in ("audio", "audio2", "prompt", "negative_prompt", "audio_type"):
+        value = getattr(spec, key)
+        if value is not None:
+            fields[key] = value
+    if spec.bbox1 is not None or spec.bbox2 is not None:
+        fields["boxes"] = (spec.bbox1, spec.bbox2)
+    if "audio" not in fields:
+        raise InputError("Give the speech with --audio PATH (or cond_audio.person1 in --input-json).")
+    if "image" not in fields and "video" not in fields:
+        raise InputError("Give a portrait with --image PATH or a video to dub with --video PATH.")
+    if fields.get("image") and fields.get("video"):
+        raise InputError("Give either an image or a video, not both.")
+    return GenerationRequest(**fields)
+
+
+def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
+    from ..generation.pipeline import MODEL_NAMES, default_dtype
+
+    rt = spec.runtime
+    if rt.model not in MODEL_NAMES:
+        raise InputError(f"Unknown model {rt.model!r}; choose one of: {', '.join(MODEL_NAMES)}.")
+    variant = rt.variant or ("multi" if speakers == 2 else "single")
+    if variant not in ("single", "multi"):
+        raise InputError(f"Unknown adapter variant {variant!r}; use single or multi.")
+    device = resolve_device(rt.device)
+    if rt.dtype is not None and rt.dtype not in DTYPES:
+        raise InputError(f"Unknown dtype {rt.dtype!r}; use one of: {', '.join(sorted(DTYPES))}.")
+    dtype = DTYPES[rt.dtype] if rt.dtype else default_dtype(device)
+    loras = []
+    for path, scale in rt.loras:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise InputError(f"The LoRA file {p} does not exist.")
+        if not math.isfinite(scale):
+            raise InputError(f"The LoRA scale of {p.name} must be a finite number, got {scale}.")
+        loras.append((str(p.resolve()), float(scale)))
+    if spec.preset and not loras and rt.model != "tiny":
+        from ..weights.hub import preset_lora
+
+        found = preset_lora(rt.weights, spec.preset)
+        if found is not None:
+            loras.append((str(found[0]), float(found[1])))
+    if loras and rt.model == "tiny":
+        raise InputError("LoRAs change the official 14B weights; the tiny random model takes none.")
+    fast = (device.type == "cuda") if rt.fast is None else bool(rt.fast)
+    dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    weights = str(Path(rt.weights).expanduser()) if rt.weights else None
+    return ModelSettings(rt.model, weights, variant, str(device), dtype_name, fast, bool(rt.fp8),
+                         bool(rt.fp8_attention), tuple(loras))
+
+
+def resume_key(inputs, cfg: GenerationConfig, model: ModelSettings) -> dict:
+    """Everything that decides the video of a job, and nothing else (the output path, the
+    weights folder's location, the progress display are not in it). Built in this one place;
+    `InfiniteTalk.generate` uses the same `job_settings` for jobs started from Python."""
+    from ..generation.pipeline import job_settings, runtime_settings
+
+    runtime = runtime_settings(model.fp8, model.loras, model.fp8_attention, fast=model.fast)
+    return job_settings(inputs, cfg, model.model, model.variant, torch.device(model.device), model.torch_dtype,
+                        runtime)
+
+
+class JobService:
+    """Checks and runs jobs; keeps up to `max_models` loaded pipelines for reuse.
+
+    `loader(settings) -> InfiniteTalk` builds a pipeline (default: `InfiniteTalk.from_pretrained`).
+    One job runs at a time per service (a lock); run one service per GPU.
+    """
+
+    def __init__(self, max_models: int = 1, loader: Optional[Callable[[ModelSettings], object]] = None):
+        self.max_models = max(1, int(max_models))
+        self._loader = loader or self._load
+        self._pipes: "OrderedDict[ModelSettings, object]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # pipelines built so far (for tests and metrics)
+
+    # ---- checking ------------------------------------------------------------------------
+    def check(self, spec: JobSpec) -> PreparedJob:
+        """Validate and decode everything of `spec` without loading a model (typed errors)."""
+        from ..generation.inputs import prepare_inputs
+        from ..generation.job_state import JobDir
+        from ..generation.pipeline import InfiniteTalk
+
+        if not spec.output:
+            raise InputError("Give the output file with --output PATH (an .mp4).")
+        output = Path(spec.output).expanduser()
+        if output.is_dir():
+            raise InputError(f"The output {output} is a folder; give a file name such as {output / 'talk.mp4'}.")
+        request = build_request(spec)
+        cfg = resolve_config(spec)
+        inputs = prepare_inputs(request, cfg)
+        model = resolve_model(spec, request.speakers)
+        key = resume_key(inputs, cfg, model)
+        if spec.resume:
+            JobDir(output).check_resumable(key)
+        plan = InfiniteTalk.plan(inputs, cfg)
+        return PreparedJob(spec, output, inputs, cfg, plan, model, key)
+
+    # ---- models --------------------------------------------------------------------------
+    @staticmethod
+    def _load(settings: ModelSettings):
+        from ..generation.pipeline import InfiniteTalk
+
+        return InfiniteTalk.from_pretrained(
+            settings.weights, device=settings.device, dtype=settings.torch_dtype, variant=settings.variant,
+            model=settings.model, fast=settings.fast, fp8=settings.fp8, loras=settings.loras,
+            fp8_attention=settings.fp8_attention,
+        )
+
+    def pipeline(self, settings: ModelSettings, tracker: Optional[ProgressTracker] = None):
+        """The loaded pipeline for `settings` (built once, then reused while it stays cached)."""
+        if settings in self._pipes:
+            self._pipes.move_to_end(settings)
+            return self._pipes[settings]
+        while len(self._pipes) >= self.max_models:
+            _, old = self._pipes.popitem(last=False)
+            del old
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        tracker = tracker or ProgressTracker()
+        with tracker.stage("load", f"loading {settings.model} ({settings.variant}) on {settings.device}"):
+            pipe = self._loader(settings)
+        self.loads += 1
+        self._pipes[settings] = pipe
+        return pipe
+
+    def loaded(self) -> list[ModelSettings]:
+        return list(self._pipes)
+
+    def close(self) -> None:
+        self._pipes.clear()
+
+    # ---- running -------------------------------------------------------------------------
+    def run(self, spec: JobSpec, progress: Optional[ProgressCallback] = None,
+            cancel: Optional[CancelToken] = None, prepared: Optional[PreparedJob] = None) -> JobResult:
+        """Check (unless `prepared` is given) and run one job; see the module doc."""
+        tracker = ProgressTracker(progress, cancel)
+        t0 = time.monotonic()
+        try:
+            with self._lock:
+                job = prepared if prepared is not None else self.check(spec)
+                if job.model.model == "tiny":
+                    tracker.notice("the tiny model uses small RANDOM weights: the video is noise, not a face "
+                                   "(for trying the tool and for tests)", level="warning")
+                tracker.check_cancel()
+                pipe = self.pipeline(job.model, tracker)
+                tracker.check_cancel()
+                try:
+                    path = pipe.generate(job.output, inputs=job.inputs, config=job.config, progress=tracker,
+                                         resume=spec.resume, cancel=cancel, settings=job.key)
+                except OUT_OF_MEMORY as err:
+                    raise DeviceOutOfMemoryError(
+                        "The GPU ran out of memory; use a smaller --size, fewer speakers, --fp8, or a GPU with more "
+                        "memory (the finished windows are kept: add --resume to continue)."
+                    ) from err
+        except JobCancelledError as err:
+            nxt = _finished_windows(Path(spec.output).expanduser())
+            tracker.cancelled(str(err), nxt, resumable=nxt > 0)
+            raise
+        except InfiniteTalkError as err:
+            tracker.failed(str(err), type(err).__name__)
+            raise
+        except Exception as err:
+            tracker.failed(f"internal error: {type(err).__name__}: {err}", type(err).__name__)
+            raise
+        return JobResult(path, job.plan.total_frames, job.plan.duration_s, len(job.plan), time.monotonic() - t0)
+
+
+def _finished_windows(output: Path) -> int:
+    from ..generation.job_state import JobDir
+
+    try:
+        state = JobDir(output).load_state()
+    except InfiniteTalkError:
+        return 0
+    return state.next_window if state is not None else 0
+
+
+def run(spec: JobSpec, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+        service: Optional[JobService] = None) -> JobResult:
+    """Run one job with `service` (a fresh one, dropped after the job, when None)."""
+    return (service or JobService()).run(spec, progress=progress, cancel=cancel)
+
+
