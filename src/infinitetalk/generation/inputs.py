@@ -60,9 +60,12 @@ class GenerationRequest:
     `audio2` makes it a two-speaker job (`audio_type` 'para' or 'add'); `boxes` are pixel boxes
     (x_min, y_min, x_max, y_max), x horizontal, one per speaker, only for two speakers.
     `negative_prompt` None means the config's (official) negative prompt.
+    `features` are precomputed wav2vec2 features, one float tensor [frames, layers, channels] per
+    speaker (25 frames per second); they replace the encoding of the speech, and `audio` is then
+    only the sound track of the MP4 (optional for `stream`).
     """
 
-    audio: PathLike
+    audio: Optional[PathLike] = None
     image: Optional[PathLike] = None
     video: Optional[PathLike] = None
     audio2: Optional[PathLike] = None
@@ -70,9 +73,12 @@ class GenerationRequest:
     boxes: Optional[tuple[Optional[Box], Optional[Box]]] = None
     prompt: str = ""
     negative_prompt: Optional[str] = None
+    features: Optional[tuple[torch.Tensor, ...]] = field(default=None, compare=False, repr=False)
 
     @property
     def speakers(self) -> int:
+        if self.features is not None:
+            return len(self.features)
         return 2 if self.audio2 is not None else 1
 
     @property
@@ -99,7 +105,7 @@ class PreparedInputs:
     src_hw: tuple[int, int]
     target_hw: tuple[int, int]
     reference: torch.Tensor
-    tracks: SpeakerTracks
+    tracks: Optional[SpeakerTracks]
     masks: torch.Tensor
     boxes: Optional[list[tuple[int, int, int, int]]] = None
     checksums: dict = field(default_factory=dict)
@@ -110,6 +116,8 @@ class PreparedInputs:
 
     @property
     def audio_frames(self) -> int:
+        if self.request.features is not None:
+            return int(self.request.features[0].shape[0])
         return self.tracks.num_frames
 
 
@@ -180,8 +188,10 @@ def _check_boxes(request: GenerationRequest) -> None:
         raise InputError("With two speakers give a box for each (--bbox1 and --bbox2), or none (left/right halves).")
 
 
-def prepare_inputs(request: GenerationRequest, cfg: GenerationConfig) -> PreparedInputs:
-    """Validate the request and decode its inputs (see module doc). No model is used."""
+def prepare_inputs(request: GenerationRequest, cfg: GenerationConfig,
+                   buckets: Optional[dict[str, tuple[int, int]]] = None) -> PreparedInputs:
+    """Validate the request and decode its inputs (see module doc). No model is used.
+    `buckets` replaces the size-bucket table of `cfg.size` ({ratio key: (h, w)})."""
     if (request.image is None) == (request.video is None):
         raise InputError("Give exactly one conditioning input: --image PATH (a portrait) or --video PATH (to dub).")
     if request.speakers == 2 and request.audio_type not in SPEAKER_MODES:
@@ -204,7 +214,8 @@ def prepare_inputs(request: GenerationRequest, cfg: GenerationConfig) -> Prepare
             first = reader.frame_at(0.0)
         is_video = True
     src_h, src_w = first.height, first.width
-    buckets = size_buckets(cfg.size, cfg.bucket_longest_side)
+    if buckets is None:
+        buckets = size_buckets(cfg.size, cfg.bucket_longest_side)
     target_hw = choose_bucket(src_h, src_w, buckets)
     reference = prepare_frame(first, target_hw)
 
@@ -216,10 +227,16 @@ def prepare_inputs(request: GenerationRequest, cfg: GenerationConfig) -> Prepare
     masks = reference_masks(src_h, src_w, target_hw, latent_hw, request.speakers, boxes, cfg.face_scale)
 
     # speech
-    paths = [audio] + ([audio2] if audio2 is not None else [])
-    tracks = load_speakers(paths, request.audio_type if request.speakers == 2 else "para")
-    if tracks.num_frames < 1:
-        raise InputError("The speech is shorter than one video frame (40 ms); give a longer audio file.")
+    if request.features is not None:
+        _check_features(request.features)
+    tracks = None
+    if audio is not None:
+        paths = [audio] + ([audio2] if audio2 is not None else [])
+        tracks = load_speakers(paths, request.audio_type if len(paths) == 2 else "para")
+        if tracks.num_frames < 1:
+            raise InputError("The speech is shorter than one video frame (40 ms); give a longer audio file.")
+    elif request.features is None:
+        raise InputError("Give the speech with --audio PATH.")
     return PreparedInputs(
         request=request,
         is_video=is_video,
@@ -230,6 +247,32 @@ def prepare_inputs(request: GenerationRequest, cfg: GenerationConfig) -> Prepare
         masks=masks,
         boxes=boxes,
     )
+
+
+def _check_features(features) -> None:
+    if not 1 <= len(features) <= 2:
+        raise InputError(f"Give audio features for one or two speakers, got {len(features)}.")
+    shapes = [tuple(f.shape) for f in features]
+    if any(len(s) != 3 or s[0] < 1 for s in shapes) or len({s for s in shapes}) != 1:
+        raise InputError(f"Audio features must be one [frames, layers, channels] tensor per speaker, all of one "
+                         f"shape; got {shapes}.")
+
+
+def features_checksum(features) -> str:
+    """sha256 of precomputed audio features (their float32 bytes), for the resume key."""
+    h = hashlib.sha256()
+    for f in features:
+        h.update(str(tuple(f.shape)).encode())
+        h.update(f.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def boxes_from_official(bbox: dict) -> tuple[Box, ...]:
+    """The official in-memory `bbox` dict ({name: [x_min, y_min, x_max, y_max]} with x along the
+    ROWS, entries taken in dict order) -> our boxes (x horizontal), in the same order."""
+    if not isinstance(bbox, dict) or not 1 <= len(bbox) <= 2:
+        raise InputError("bbox must be a dict of one or two boxes, e.g. {'person1': [x0, y0, x1, y1], ...}.")
+    return tuple(_json_box(value, str(key)) for key, value in bbox.items())
 
 
 def _looks_like_video(path: Path) -> bool:

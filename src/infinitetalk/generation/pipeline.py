@@ -45,7 +45,15 @@ from .color import match_and_blend_colors
 from ..runtime.fast import GuidedDiT
 from .conditioning import image_condition, motion_latent
 from .guidance import Guidance
-from .inputs import GenerationRequest, PreparedInputs, input_checksums, prepare_inputs, prompt_hash_material
+from .inputs import (
+    GenerationRequest,
+    PreparedInputs,
+    boxes_from_official,
+    features_checksum,
+    input_checksums,
+    prepare_inputs,
+    prompt_hash_material,
+)
 from .job_state import JobDir, JobState
 from .sampler import draw_window_noise, sample_window
 from .windows import Window, WindowPlan, plan_windows
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 MODEL_NAMES = ("infinitetalk-14b", "tiny")
+CUSTOM_MODEL = "custom"  # components given in memory (`InfiniteTalk.from_components`)
 
 
 def model_defaults(model: str) -> dict:
@@ -66,6 +75,8 @@ def model_defaults(model: str) -> dict:
         from ..runtime.tiny_models import TINY_LONGEST_SIDE
 
         return {"bucket_longest_side": TINY_LONGEST_SIDE}
+    if model == CUSTOM_MODEL:
+        return {}
     if model not in MODEL_NAMES:
         raise InputError(f"Unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}.")
     return {}
@@ -110,6 +121,7 @@ def job_settings(
         "request": prompt_hash_material(inputs.request),
         "target_hw": list(inputs.target_hw),
         "inputs": list(input_checksums(inputs.request).values()),
+        "features": features_checksum(inputs.request.features) if inputs.request.features is not None else None,
         "runtime": runtime or runtime_settings(False, ()),
     }
 
@@ -155,6 +167,8 @@ class WindowFrames:
 
     frames: uint8 [n, H, W, 3]; index / total_windows: this window's number (0-based) and the
     plan's window count; out_start / out_end: frame range of the output video; fps: 25.
+    video: with `stream(float_video=True)`, the same frames as float32 [3, n, H, W] in [-1, 1]
+    (after colour correction, before the uint8 rounding), else None.
     """
 
     frames: np.ndarray
@@ -163,6 +177,7 @@ class WindowFrames:
     out_start: int
     out_end: int
     fps: int = FPS
+    video: Optional[torch.Tensor] = None
 
     @property
     def start_s(self) -> float:
@@ -175,15 +190,49 @@ class _WindowResult:
     frames: np.ndarray
     motion: torch.Tensor
     rng_state: torch.Tensor
+    video: Optional[torch.Tensor] = None
 
 
 class InfiniteTalk:
     """The InfiniteTalk generator. Build with `from_pretrained`; call `generate` or `stream`."""
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype,
+                 size_buckets: Optional[dict] = None):
         self.components = components
         self.device = torch.device(device)
         self.dtype = dtype
+        self.size_buckets = size_buckets  # {480: {key: (h, w)}, 720: {...}}; None: the official tables
+
+    @classmethod
+    def from_components(
+        cls,
+        *,
+        dit: torch.nn.Module,
+        vae: torch.nn.Module,
+        clip: torch.nn.Module,
+        text_encoder: Optional[object] = None,
+        audio_encoder: Optional[torch.nn.Module] = None,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+        size_buckets: Optional[dict] = None,
+        variant: str = "single",
+        vae_chunk_latents: Optional[int] = 1,
+    ) -> "InfiniteTalk":
+        """A pipeline over models already in memory (the same generation code as `from_pretrained`).
+
+        `text_encoder`: anything with `encode(list[str]) -> list[Tensor]` (a loaded umT5, or
+        `PromptEmbeddings` of precomputed contexts); `audio_encoder`: a wav2vec2 encoder, or None
+        when every job brings its `features`. `size_buckets`: {480: table, 720: table} where a
+        table maps ratio keys to (h, w) or to the official `[[h, w], 1]` entries; None keeps the
+        official ASPECT_RATIO_627 / ASPECT_RATIO_960.
+        """
+        tables = None
+        if size_buckets is not None:
+            tables = {int(size): {str(k): _bucket_hw(v) for k, v in table.items()} for size, table in size_buckets.items()}
+        components = Components(dit, text_encoder, clip, vae, audio_encoder, name=CUSTOM_MODEL, variant=variant,
+                                random=False, vae_chunk_latents=vae_chunk_latents)
+        components.runtime = runtime_settings(False, ())
+        return cls(components, torch.device(device), dtype, tables)
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -315,12 +364,24 @@ class InfiniteTalk:
         """Check and decode the inputs of a job (no model runs); see `GenerationRequest` for the keys."""
         settings = {k: request.pop(k) for k in list(request) if k in GenerationConfig.__dataclass_fields__}
         unknown = set(request) - set(GenerationRequest.__dataclass_fields__)
+        if "bbox" in request:  # the official in-memory dict ({name: [x_min, y_min, x_max, y_max]}, x = rows)
+            request["boxes"] = boxes_from_official(request.pop("bbox"))
+        if "features" in request and request["features"] is not None:
+            request["features"] = tuple(request["features"])
+        unknown = set(request) - set(GenerationRequest.__dataclass_fields__)
         if unknown:
             raise InputError(f"Unknown job argument(s): {', '.join(sorted(unknown))}.")
-        if "audio" not in request:
-            raise InputError("Give the speech as audio=PATH.")
+        if "audio" not in request and request.get("features") is None:
+            raise InputError("Give the speech as audio=PATH (or precomputed features=[...]).")
         cfg = self._config(config, settings)
-        return prepare_inputs(GenerationRequest(**request), cfg), cfg
+        return self.prepare_request(GenerationRequest(**request), cfg), cfg
+
+    def prepare_request(self, request: GenerationRequest, cfg: GenerationConfig) -> PreparedInputs:
+        """`prepare_inputs` with this pipeline's size-bucket tables."""
+        tables = self.size_buckets.get(cfg.size) if self.size_buckets is not None else None
+        if self.size_buckets is not None and tables is None:
+            raise InputError(f"This pipeline has no size-bucket table for size {cfg.size}.")
+        return prepare_inputs(request, cfg, buckets=tables)
 
     @staticmethod
     def plan(inputs: PreparedInputs, cfg: GenerationConfig) -> WindowPlan:
@@ -333,6 +394,7 @@ class InfiniteTalk:
         config: Optional[GenerationConfig] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        float_video: bool = False,
         **request,
     ) -> Iterator[WindowFrames]:
         """Yield each window's new frames as soon as it is made (see `WindowFrames`).
@@ -348,9 +410,9 @@ class InfiniteTalk:
         plan = self.plan(inputs, config)
         tracker = ProgressTracker(progress, cancel)
         self._job_started(tracker, inputs, config, plan, 0)
-        for result in self._run(inputs, config, plan, tracker, None):
+        for result in self._run(inputs, config, plan, tracker, None, float_video=float_video):
             w = result.window
-            yield WindowFrames(result.frames, w.index, len(plan), w.out_start, w.out_end)
+            yield WindowFrames(result.frames, w.index, len(plan), w.out_start, w.out_end, video=result.video)
             tracker.window_finished(w.index, len(plan), result.frames.shape[0], w.out_end)
         tracker.finished(None, plan.total_frames, plan.duration_s)
 
@@ -403,6 +465,8 @@ class InfiniteTalk:
             tracker.window_finished(index, len(plan), result.frames.shape[0], result.window.out_end,
                                     str(job.segment_path(index)))
         tracker.check_cancel()
+        if inputs.tracks is None:
+            raise InputError("Writing an MP4 needs the speech audio for its sound track: give audio=PATH.")
         with tracker.stage("write", f"writing {output}"):
             concat_segments(job.segments(len(plan)), output, audio=inputs.tracks.mix,
                             sample_rate=inputs.tracks.sample_rate)
@@ -431,7 +495,10 @@ class InfiniteTalk:
         with tracker.stage("encode_audio", "encoding the speech (wav2vec2)"):
             # kept on the host in the DiT's dtype: the official loop casts each window to it anyway,
             # and bf16 halves the memory of long jobs
-            features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
+            if inputs.request.features is not None:
+                features = [f.to(self.dtype) for f in inputs.request.features]
+            else:
+                features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
         with tracker.stage("encode_prompt", "encoding the prompt (umT5)"):
             negative = inputs.request.negative_prompt
             negative = cfg.negative_prompt if negative is None else negative
@@ -452,6 +519,7 @@ class InfiniteTalk:
         plan: WindowPlan,
         tracker: ProgressTracker,
         state: Optional[JobState],
+        float_video: bool = False,
     ) -> Iterator[_WindowResult]:
         c = self.components
         self._check_options(inputs, cfg)
@@ -504,8 +572,17 @@ class InfiniteTalk:
                     video = match_and_blend_colors(video, reference, cfg.color_correction_strength)
                 motion_frames = video[:, -cfg.motion_frame :].clone()
                 frames = to_uint8_frames(video[:, window.keep])
+                kept = video[:, window.keep].clone() if float_video else None
                 del video
-                yield _WindowResult(window, frames, motion_frames, generator.get_state())
+                yield _WindowResult(window, frames, motion_frames, generator.get_state(), kept)
         finally:
             if reader is not None:
                 reader.close()
+
+
+def _bucket_hw(value) -> tuple[int, int]:
+    """(h, w) of a bucket entry: (h, w) or the official [[h, w], 1]."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], (list, tuple)):
+        value = value[0]
+    h, w = (int(v) for v in value)
+    return h, w
