@@ -129,6 +129,7 @@ def _inspect_single(path: Path) -> FileInfo:
     total = sum(sizes.values()) or 1
     fp8 = sum(n for d, n in sizes.items() if d in (torch.float8_e4m3fn, torch.float8_e5m2))
     bits = sum((8.0 if d in (torch.float8_e4m3fn, torch.float8_e5m2) else _DTYPE_BITS.get(d, 16.0)) * n for d, n in sizes.items()) / total
+    scaled = "scaled_fp8" in raw.keys() or any(k.endswith((".scale_weight", ".weight_scale")) for k in raw.keys())
     if fp8:
         quant = "fp8-scaled" if scaled else "fp8"
     else:
