@@ -21,11 +21,11 @@ from ...errors import CheckpointError, MissingWeightsError
 from .detect import COMPONENTS, DESCRIPTIONS, OPTIONS, Detected, classify
 from .gguf_file import GGUFRawSource, GGUFSource, is_gguf
 from .single_file import open_single_file
-from .sources import MappedSource, MergedSource
+from .sources import MappedSource, MergedSource, renamed
 
 __all__ = [
     "COMPONENTS", "DESCRIPTIONS", "OPTIONS", "Detected", "FileInfo", "GGUFRawSource", "GGUFSource", "MappedSource",
-    "MergedSource", "classify", "inspect_file", "open_component", "read_state_dict",
+    "MergedSource", "classify", "float_weights", "inspect_file", "open_component", "read_state_dict", "renamed",
 ]
 
 
@@ -44,16 +44,22 @@ def open_component(path: str | os.PathLike, component: str):
     return open_single_file(path, component)
 
 
+def float_weights(source):
+    """`source` with fp8 weights dequantised (weight.float() * scale) and the scales hidden; GGUF
+    sources already dequantise. For models that keep no quantised layers (umT5, CLIP, VAE, wav2vec2)."""
+    from ..quant import Fp8Source
+
+    if any(k.endswith(".weight_scale") for k in source.keys()):
+        return Fp8Source(source, set())
+    return source
+
+
 def read_state_dict(path: str | os.PathLike, component: str) -> dict[str, torch.Tensor]:
     """Every tensor of the file in official names and shapes, quantised ones dequantised.
 
     GGUF types -> float32 (bit-identical to gguf-py), fp8 -> float32 `weight * scale`, float
     tensors in their stored dtype. For tests, conversions and inspection; models load lazily."""
-    from ..quant import Fp8Source
-
-    source = open_component(path, component)
-    if any(k.endswith(".weight_scale") for k in source.keys()):
-        source = Fp8Source(source, set())
+    source = float_weights(open_component(path, component))
     return {key: source[key] for key in source.keys()}
 
 

@@ -117,3 +117,14 @@ class MergedSource:
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.source_of(key)[key]
+
+
+def renamed(source, rename: Callable[[str], Optional[str]]) -> MappedSource:
+    """`source` with its keys renamed by `rename` (None drops a key); tensors are read lazily."""
+    entries = {}
+    for key in source.keys():
+        new = rename(key)
+        if new is not None:
+            entries[new] = Entry((key,), tuple(source.shape(key)))
+    extras = getattr(source, "extras", {})
+    return MappedSource(source, entries, extras=extras)
