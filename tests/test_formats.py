@@ -437,3 +437,20 @@ def test_cli_info_lists_components(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "clip     MISSING" in out and "clip_vision_h.safetensors" in out
     assert "dit      " + str(root / "models" / "diffusion_models") in out
+
+
+def test_own_quantisers_write_what_gguf_py_reads():
+    import numpy as np
+
+    from infinitetalk.quant.gguf_dequant import dequantize
+    from infinitetalk.quant.gguf_quantize import QUANTIZERS
+
+    w = torch.randn(48, 512, generator=torch.Generator().manual_seed(0))
+    for name, bound in (("Q8_0", 0.01), ("Q4_K", 0.12)):
+        raw = QUANTIZERS[name](w)
+        ref = gguf.quants.dequantize(raw.numpy().reshape(48, -1), getattr(gguf.GGMLQuantizationType, name))
+        got = dequantize(raw, name, w.shape)
+        assert torch.equal(got, torch.from_numpy(np.array(ref)))
+        assert ((got - w).norm() / w.norm()).item() < bound
+    gguf_q8 = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(gguf_q8.reshape(-1), QUANTIZERS["Q8_0"](w).numpy())
