@@ -108,6 +108,10 @@ class ComponentFiles:
         if not missing:
             return self
         root = self.root or default_weights_dir()
+        if not _looks_comfy(root) and "override" not in self.origin.values():
+            from .hub import locate_weights
+
+            locate_weights(root, self.variant)  # the official layout's message: every missing file + the command
         lines = "\n  ".join(f"{c}: {DESCRIPTIONS[c]} (give one with {OPTIONS[c]} FILE)" for c in missing)
         commands = "\n  ".join(self.download_commands())
         raise MissingWeightsError(
