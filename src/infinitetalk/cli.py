@@ -119,7 +119,31 @@ def _add_generate(sub) -> None:
                        help="merge a LoRA into the DiT at load (repeatable; scale default 1); works with --fp8")
     model.add_argument("--no-fast", dest="fast", action="store_false", default=None,
                        help="use the reference kernels instead of the fast GPU path (for comparisons)")
+    _add_component_options(model)
     p.set_defaults(func=cmd_generate)
+
+
+COMPONENT_OPTIONS = {  # option -> ComponentFiles field (weights.locate.locate_components overrides)
+    "--dit": "dit", "--adapter": "adapter", "--t5": "t5", "--audio-encoder": "wav2vec2", "--vae": "vae", "--clip": "clip",
+}
+
+
+def _add_component_options(group) -> None:
+    """--dit/--adapter/--t5/--audio-encoder/--vae/--clip FILE: one component from a file of your own."""
+    for option, field in COMPONENT_OPTIONS.items():
+        group.add_argument(option, metavar="FILE", default=None, dest=f"file_{field}",
+                           help=f"the {field} from this file (official, ComfyUI/Kijai, fp8-scaled or GGUF; found by content)")
+
+
+def _component_files(args: argparse.Namespace, variant: str, say=lambda *a: None):
+    """The ComponentFiles of --weights DIR (official layout or a ComfyUI models/ folder) and the overrides."""
+    from .weights.locate import locate_components
+
+    overrides = {field: getattr(args, f"file_{field}", None) for field in COMPONENT_OPTIONS.values()}
+    files = locate_components(args.weights, variant, overrides)
+    for note in files.notes:
+        say(f"note: {note}")
+    return files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=cmd_download)
     info = sub.add_parser("info", help="versions, device, and where weights are found")
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
+    _add_component_options(info)
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -215,6 +240,8 @@ def job_spec(args: argparse.Namespace):
         model=args.model, weights=args.weights, variant=args.variant, device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None, fast=args.fast, fp8=args.fp8,
         fp8_attention=args.fp8_attention, loras=tuple(_loras(args)),
+        files=tuple((field, getattr(args, f"file_{field}")) for field in COMPONENT_OPTIONS.values()
+                    if getattr(args, f"file_{field}", None)),
     )
     return JobSpec(
         output=args.output, audio=args.audio, image=args.image, video=args.video, audio2=args.audio2,
@@ -292,6 +319,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"device cuda:{i}: {prop.name}, {prop.total_memory / 2**30:.1f} GiB")
     else:
         print(f"device: cpu only ({torch.get_num_threads()} threads); no CUDA GPU found")
+    from .weights.locate import describe
+
+    files = _component_files(args, "single")
+    print(f"components for {files.root} ({'complete' if not files.missing() else 'incomplete'}):")
+    print("\n".join(describe(files)))
     roots = [default_weights_dir()] + ([Path(args.weights).expanduser()] if args.weights else [])
     for root in roots:
         for variant in VARIANTS:

@@ -28,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from .inputs import (
 from .job_state import JobDir, JobState
 from .sampler import draw_window_noise, sample_window
 from .windows import Window, WindowPlan, plan_windows
+
+if TYPE_CHECKING:
+    from ..weights.locate import ComponentFiles
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +252,7 @@ class InfiniteTalk:
         fp8: bool = False,
         loras: Sequence[tuple[PathLike, float]] = (),
         fp8_attention: bool = False,
+        files: Optional["ComponentFiles"] = None,
     ) -> "InfiniteTalk":
         """Load every model.
 
@@ -268,6 +272,8 @@ class InfiniteTalk:
         2.94 s instead of 3.33 s per forward; 2.32 s with `fp8`), less exact (14% relative L2 on
         a random-weights forward, twice the error of fp8 linears alone).
         loras: (file, scale) LoRAs merged into the DiT at load (e.g. lightx2v for preset 'fast').
+        files: the file of each component (`weights.locate.locate_components`: a ComfyUI models/
+        folder, single-file overrides); None = found in `path_or_repo` (official or ComfyUI layout).
         """
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype if dtype is not None else default_dtype(dev)
@@ -284,7 +290,7 @@ class InfiniteTalk:
                 raise InputError("LoRAs change the official 14B weights; the tiny random model takes none.")
             components = cls._tiny_components(seed, dev, dt, variant, fp8)
         else:
-            components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast)
+            components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, files)
         components.runtime = runtime_settings(fp8, loras, fp8_attention, fast=use_fast)
         if use_fast:
             from ..runtime.fast import FastOptions, make_fast
@@ -320,15 +326,16 @@ class InfiniteTalk:
         fp8: bool = False,
         loras: Sequence[tuple[Path, float]] = (),
         fast: bool = False,
+        files: Optional["ComponentFiles"] = None,
     ) -> Components:
         from ..weights.audio_loader import load_audio_encoder
         from ..weights.clip_loader import load_clip_vision
         from ..weights.dit_loader import load_dit
-        from ..weights.hub import locate_weights
+        from ..weights.locate import locate_components
         from ..weights.t5_loader import load_text_encoder
         from ..weights.vae_loader import load_vae
 
-        layout = locate_weights(root, variant)
+        layout = (files or locate_components(root, variant)).require().fetch_extras()
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official clip dtype
         log.info("loading the models from %s onto %s (%s)", layout.root, device, dtype)
         missing = [str(p) for p, _ in loras if not p.is_file()]
@@ -336,7 +343,7 @@ class InfiniteTalk:
             from ..errors import MissingWeightsError
 
             raise MissingWeightsError(f"LoRA file not found: {', '.join(missing)}.", missing=missing)
-        dit = load_dit(layout.dit_dir, layout.adapter, device=device, dtype=dtype, loras=loras, fp8=fp8).eval()
+        dit = load_dit(layout.dit, layout.adapter, device=device, dtype=dtype, loras=loras, fp8=fp8).eval()
         text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=device, dtype=dtype)
         clip = load_clip_vision(layout.clip, device=device, dtype=clip_dtype).eval()
         vae_fast = None
@@ -346,7 +353,7 @@ class InfiniteTalk:
             vae_fast = VAEFastOptions()  # bf16: H100 81x640x640 decode 1.17 s vs 2.98 s in fp32
         vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
         vae = load_vae(layout.vae, device=device, dtype=vae_dtype).eval()
-        audio = load_audio_encoder(layout.wav2vec, device=device, dtype=torch.float32).eval()
+        audio = load_audio_encoder(layout.wav2vec2, device=device, dtype=torch.float32, config_dir=layout.audio_config).eval()
         return Components(
             dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False,
             vae_chunk_latents=None if vae_fast is not None else 1, vae_fast=vae_fast,

@@ -45,6 +45,8 @@ class RuntimeOptions:
     device: "cuda", "cuda:1", "cpu"; dtype: "bfloat16" / "float16" / "float32".
     fast: the fast GPU path (None: on for CUDA). fp8 / fp8_attention: see `InfiniteTalk.from_pretrained`.
     loras: (path, scale) pairs merged at load; a preset's own LoRA is added by the service.
+    files: single-file overrides per component (official, ComfyUI/Kijai, fp8-scaled or GGUF files);
+    `weights` may also be a ComfyUI `models/` folder (see `weights.locate`).
     """
 
     model: str = "infinitetalk-14b"
@@ -56,9 +58,11 @@ class RuntimeOptions:
     fp8: bool = False
     fp8_attention: bool = False
     loras: tuple[tuple[str, float], ...] = ()
+    files: tuple[tuple[str, str], ...] = ()  # (component, file): dit, adapter, t5, wav2vec2, vae, clip
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple((str(p), float(s)) for p, s in self.loras))
+        object.__setattr__(self, "files", tuple((str(c), str(p)) for c, p in self.files))
 
     def with_(self, **changes: Any) -> "RuntimeOptions":
         return dataclasses.replace(self, **changes)
@@ -126,6 +130,7 @@ class JobSpec:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["runtime"]["loras"] = [list(x) for x in self.runtime.loras]
+        data["runtime"]["files"] = [list(x) for x in self.runtime.files]
         for name in ("bbox1", "bbox2"):
             if data[name] is not None:
                 data[name] = list(data[name])

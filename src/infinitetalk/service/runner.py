@@ -51,6 +51,7 @@ class ModelSettings:
     fp8: bool
     fp8_attention: bool
     loras: tuple[tuple[str, float], ...]
+    files: tuple[tuple[str, str], ...] = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -166,8 +167,23 @@ def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
     fast = (device.type == "cuda") if rt.fast is None else bool(rt.fast)
     dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
     weights = str(Path(rt.weights).expanduser()) if rt.weights else None
+    files = []
+    for component, path in rt.files:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise InputError(f"The {component} file {p} does not exist.")
+        files.append((component, str(p.resolve())))
+    if files and rt.model == "tiny":
+        raise InputError("The tiny random model loads no files; drop the component file options or use the 14B model.")
     return ModelSettings(rt.model, weights, variant, str(device), dtype_name, fast, bool(rt.fp8),
-                         bool(rt.fp8_attention), tuple(loras))
+                         bool(rt.fp8_attention), tuple(loras), tuple(sorted(files)))
+
+
+def component_files(settings: ModelSettings):
+    """The files of every component (official layout, ComfyUI folder, overrides); see weights.locate."""
+    from ..weights.locate import locate_components
+
+    return locate_components(settings.weights, settings.variant, dict(settings.files))
 
 
 def resume_key(inputs, cfg: GenerationConfig, model: ModelSettings) -> dict:
@@ -177,6 +193,8 @@ def resume_key(inputs, cfg: GenerationConfig, model: ModelSettings) -> dict:
     from ..generation.pipeline import job_settings, runtime_settings
 
     runtime = runtime_settings(model.fp8, model.loras, model.fp8_attention, fast=model.fast)
+    if model.files:  # a file of another format (GGUF, fp8-scaled) gives another video
+        runtime["files"] = {component: Path(path).name for component, path in model.files}
     return job_settings(inputs, cfg, model.model, model.variant, torch.device(model.device), model.torch_dtype,
                         runtime)
 
@@ -211,6 +229,8 @@ class JobService:
         cfg = resolve_config(spec)
         inputs = prepare_inputs(request, cfg)
         model = resolve_model(spec, request.speakers)
+        if model.model != "tiny":
+            component_files(model).require()  # missing weights: the list and the download command, now
         key = resume_key(inputs, cfg, model)
         if spec.resume:
             JobDir(output).check_resumable(key)
@@ -222,10 +242,11 @@ class JobService:
     def _load(settings: ModelSettings):
         from ..generation.pipeline import InfiniteTalk
 
+        files = component_files(settings) if settings.model != "tiny" else None
         return InfiniteTalk.from_pretrained(
             settings.weights, device=settings.device, dtype=settings.torch_dtype, variant=settings.variant,
             model=settings.model, fast=settings.fast, fp8=settings.fp8, loras=settings.loras,
-            fp8_attention=settings.fp8_attention,
+            fp8_attention=settings.fp8_attention, files=files,
         )
 
     def pipeline(self, settings: ModelSettings, tracker: Optional[ProgressTracker] = None):
@@ -263,6 +284,9 @@ class JobService:
                 if job.model.model == "tiny":
                     tracker.notice("the tiny model uses small RANDOM weights: the video is noise, not a face "
                                    "(for trying the tool and for tests)", level="warning")
+                if job.model.model != "tiny" and job.model not in self._pipes:
+                    for note in component_files(job.model).notes:
+                        tracker.notice(note)
                 tracker.check_cancel()
                 pipe = self.pipeline(job.model, tracker)
                 tracker.check_cancel()

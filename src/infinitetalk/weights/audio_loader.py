@@ -77,20 +77,25 @@ def load_audio_encoder(
     dtype: torch.dtype = torch.float32,
     *,
     attn_implementation: str = "sdpa",
+    config_dir: Optional[os.PathLike | str] = None,
 ) -> AudioEncoder:
-    """Build the encoder on the meta device and fill it tensor by tensor from the folder's weights."""
+    """Build the encoder on the meta device and fill it tensor by tensor from the folder's weights.
+
+    `folder` may also be one weight file (Kijai's `wav2vec2-chinese-base_fp16.safetensors`, found
+    by content); its config.json / preprocessor_config.json then come from `config_dir` (default:
+    the file's own folder)."""
     import dataclasses
 
-    folder = Path(folder)
+    path = Path(folder)
+    single = path.is_file()
+    folder = Path(config_dir) if config_dir is not None else (path.parent if single else path)
     config = dataclasses.replace(read_audio_encoder_config(folder), attn_implementation=attn_implementation)
-    files = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
-    if not files:
-        raise MissingWeightsError(
-            f"No wav2vec2 weights in {folder} (looked for {' or '.join(WEIGHT_FILES)}). "
-            "For chinese-wav2vec2-base take model.safetensors from the repository's refs/pr/1.",
-            missing=[str(folder / WEIGHT_FILES[0])],
-        )
-    source = open_weights(files[:1], rename=_rename)
+    if single:
+        from .formats import float_weights, open_component, renamed
+
+        source = renamed(float_weights(open_component(path, "wav2vec2")), _rename)
+    else:
+        source = _folder_weights(folder)
     with torch.device("meta"):
         model = AudioEncoder(config)
     materialize(
@@ -103,6 +108,17 @@ def load_audio_encoder(
     )
     model.requires_grad_(False)
     return model
+
+
+def _folder_weights(folder: Path):
+    files = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not files:
+        raise MissingWeightsError(
+            f"No wav2vec2 weights in {folder} (looked for {' or '.join(WEIGHT_FILES)}). "
+            "For chinese-wav2vec2-base take model.safetensors from the repository's refs/pr/1.",
+            missing=[str(folder / WEIGHT_FILES[0])],
+        )
+    return open_weights(files[:1], rename=_rename)
 
 
 def tiny_audio_encoder_config(**overrides) -> AudioEncoderConfig:

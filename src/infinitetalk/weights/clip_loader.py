@@ -43,8 +43,21 @@ def _unused_by_pipeline(cfg: CLIPVisionConfig):
 
 
 def open_clip_weights(path: os.PathLike | str) -> LazyStateDict:
-    """Open the official CLIP file lazily, exposing only its visual tower (keys without `visual.`)."""
-    source = open_weights([path], rename=_visual_only)
+    """Open a CLIP file lazily, exposing only its visual tower (keys without `visual.`).
+
+    The official .pth is read as it is; other files (Kijai's visual-only safetensors, ComfyUI's
+    HF-named `clip_vision_h.safetensors`) through `weights.formats`, which maps them to the
+    official names."""
+    from pathlib import Path
+
+    from .formats import float_weights, open_component, renamed
+
+    if not Path(path).is_file():
+        return open_weights([path], rename=_visual_only)  # the not-found error
+    if Path(path).name.lower().endswith(".pth"):  # the official file: read as it is
+        source = open_weights([path], rename=_visual_only)
+    else:  # Kijai's visual-only file, ComfyUI's HF-named clip_vision_h, fp16 / fp8 (found by content)
+        source = renamed(float_weights(open_component(path, "clip")), _visual_only)
     if len(source) == 0:
         raise CheckpointError(
             f"{path} has no 'visual.*' keys, so it is not the CLIP checkpoint "

@@ -117,12 +117,7 @@ def resolve_dit_files(
             except (TypeError, ValueError) as exc:
                 raise CheckpointError(f"{cfg_path} is not a usable Wan2.1-I2V config: {exc}.") from exc
     elif path.is_file():
-        if not path.name.lower().endswith(SAFETENSORS_EXT + PICKLE_EXT):
-            raise CheckpointError(f"{path} is not a weight file (.safetensors or .pth) nor a checkpoint directory.")
-        files = [path]
-        if config is None:
-            log.info("no config given for %s; assuming the InfiniteTalk 14B sizes", path)
-            config = WanDiTConfig.infinitetalk_14b()
+        files = [path]  # any single file: official, ComfyUI / Kijai, fp8-scaled or GGUF (read by content)
     else:
         raise MissingWeightsError(f"DiT checkpoint not found: {path}.", missing=[str(path)])
     if adapter is not None:
@@ -159,6 +154,7 @@ def load_dit(
     unexpected or mis-shaped key; the message names the key and the file).
     """
     files, cfg = resolve_dit_files(checkpoint, adapter, config)
+    single = Path(checkpoint).is_file()
     if quantized is not None:
         from .quant import open_quanto_checkpoint
 
@@ -167,29 +163,95 @@ def load_dit(
         source = open_quanto_checkpoint(quantized)
         fp8 = True
     else:
-        source = open_weights(files)
+        source = _open_dit_source(files, single, adapter is not None)
+    if cfg is None:
+        cfg = infer_dit_config(source)
+        log.info("sizes of %s read from its tensors: dim %d, %d layers, %d heads", checkpoint, cfg.dim, cfg.num_layers, cfg.num_heads)
     if adapter is None and not any(k.startswith(ADAPTER_KEY_PREFIXES) for k in source.keys()):
         raise CheckpointError(
             f"{checkpoint} holds no InfiniteTalk audio-adapter weights (audio_proj.*): pass "
             f"adapter=<path to single/{ADAPTER_NAME} or multi/{ADAPTER_NAME}>."
         )
+    from ..runtime.fp8 import is_dit_fp8_layer
+    from .quantized_layers import attach_gguf_loras, keep_gguf_layers, split_loras, stored_fp8_layers
+
+    with torch.device("meta"):
+        model = InfiniteTalkDiT(cfg)
+    # GGUF block linears keep their blocks (GGUFLinear); every other GGUF tensor is dequantised
+    source, gguf_layers = keep_gguf_layers(model, source, is_dit_fp8_layer)
+    side_loras = {}
     if loras:
         from .lora import LoraMergedSource, load_lora
 
-        source = LoraMergedSource(source, [(load_lora(path), float(scale)) for path, scale in loras], device=device)
-    with torch.device("meta"):
-        model = InfiniteTalkDiT(cfg)
+        opened = [(load_lora(path), float(scale)) for path, scale in loras]
+        merged, side_loras = split_loras(opened, gguf_layers)
+        if merged:
+            source = LoraMergedSource(source, merged, device=device)
+    stored_fp8 = stored_fp8_layers(source)
     keep_float32 = None
-    if fp8:
-        from ..runtime.fp8 import fp8_layer_names, is_dit_fp8_layer, quantize_module
+    if fp8 or stored_fp8:
+        from ..runtime.fp8 import fp8_layer_names, quantize_module
         from .quant import Fp8Source
 
-        quantize_module(model, lambda name, module: is_dit_fp8_layer(name))
+        # fp8-scaled files keep their fp8 block linears as stored; --fp8 quantises the others too
+        quantize_module(model, lambda name, module: is_dit_fp8_layer(name) and (fp8 or name in stored_fp8))
         source = Fp8Source(source, fp8_layer_names(model), device=device)
         keep_float32 = _is_fp8_scale
     log.info("loading the DiT from %d file(s) into %s %s%s", len(source.files), device, dtype, " (fp8 layers)" if fp8 else "")
     materialize(model, source, device=device, dtype=dtype, keep_float32=keep_float32, what="InfiniteTalk DiT")
+    if side_loras:
+        attach_gguf_loras(model, side_loras, device)
     return model
+
+
+def _open_dit_source(files: list[Path], single: bool, with_adapter: bool):
+    """Official shards (and adapter) through `open_weights`; any other single file through the
+    content-detecting readers of `weights.formats` (GGUF, ComfyUI / Kijai, fp8-scaled)."""
+    from .formats import MergedSource, open_component
+
+    base_files = files[:-1] if with_adapter else files
+    adapter_file = files[-1] if with_adapter else None
+    base = open_component(base_files[0], "dit") if single else open_weights(base_files)
+    if adapter_file is None:
+        return base
+    if not single and adapter_file.name.lower().endswith(SAFETENSORS_EXT) and _official_adapter(adapter_file):
+        return open_weights(base_files + [adapter_file])
+    return MergedSource([base, open_component(adapter_file, "adapter")])
+
+
+def _official_adapter(path: Path) -> bool:
+    """True for an adapter file in the official layout (plain float tensors, no prefix, no quantisation)."""
+    from .formats import inspect_file
+
+    info = inspect_file(path)
+    return info.detected is not None and info.detected.prefix == "" and info.quant in ("fp32", "bf16", "fp16")
+
+
+def infer_dit_config(source, base: Optional[WanDiTConfig] = None) -> WanDiTConfig:
+    """The DiT sizes of a single file, read from its tensor shapes; head width 128 as in every
+    released Wan2.1 model (pass `config` for other head counts). Sizes a file lacks stay at `base`."""
+    import dataclasses
+    import re
+
+    base = base or WanDiTConfig.infinitetalk_14b()
+    changes: dict = {}
+    shape = source.shape
+    if "patch_embedding.weight" in source:
+        dim, in_dim, *patch = shape("patch_embedding.weight")
+        changes.update(dim=dim, in_dim=in_dim, num_heads=max(1, dim // 128), patch_size=tuple(patch))
+        if "head.head.weight" in source:
+            changes["out_dim"] = shape("head.head.weight")[0] // max(1, patch[0] * patch[1] * patch[2])
+    blocks = {int(m.group(1)) for k in source.keys() if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if blocks:
+        changes["num_layers"] = max(blocks) + 1
+    for key, field, axis in (("blocks.0.ffn.0.weight", "ffn_dim", 0), ("text_embedding.0.weight", "text_dim", 1),
+                             ("time_embedding.0.weight", "freq_dim", 1), ("img_emb.proj.0.weight", "clip_dim", 0),
+                             ("audio_proj.proj1.weight", "intermediate_dim", 0), ("audio_proj.norm.weight", "output_dim", 0)):
+        if key in source:
+            changes[field] = shape(key)[axis]
+    if "audio_proj.proj3.weight" in source and "output_dim" in changes:
+        changes["context_tokens"] = shape("audio_proj.proj3.weight")[0] // changes["output_dim"]
+    return dataclasses.replace(base, **changes)
 
 
 def _is_fp8_scale(name: str) -> bool:

@@ -127,18 +127,29 @@ def load_umt5_encoder(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
 ) -> UMT5Encoder:
-    """Build the umT5 encoder from the official `.pth` (or a `.safetensors` with the same keys).
+    """Build the umT5 encoder from the official `.pth` or any umT5 file `open_t5_weights` reads.
 
     `config` defaults to umT5-XXL (the 14B release). Raises MissingWeightsError when the file is
     absent and CheckpointError (naming file and key) when it is damaged, incomplete or another model.
     """
     cfg = config or UMT5Config()
-    source = open_weights([path])
+    source = open_t5_weights(path)
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
     log.info("loading umT5 encoder from %s (%d layers, dim %d) as %s", path, cfg.num_layers, cfg.dim, dtype)
     materialize(model, source, device=device, dtype=dtype, what="umT5 text encoder")
     return model.requires_grad_(False)
+
+
+def open_t5_weights(path: os.PathLike | str):
+    """The umT5 weights of one file in the official names, whatever its layout: the official
+    .pth, Kijai's bf16 safetensors, ComfyUI's HF-named fp16 / fp8-scaled files, city96's GGUF
+    (found by content; fp8 and GGUF weights are dequantised at load)."""
+    from .formats import float_weights, open_component
+
+    if not Path(path).is_file():
+        return open_weights([path])  # the not-found error of the official loader
+    return float_weights(open_component(path, "t5"))
 
 
 def load_tokenizer(directory: Optional[os.PathLike | str], config: UMT5Config) -> UMT5Tokenizer | ByteTokenizer:

@@ -48,7 +48,12 @@ def load_vae(
             f"or pass the path of {VAE_FILENAME}.",
             missing=[str(file)],
         )
-    source = open_weights([file])
+    if file.name.lower().endswith(".pth"):
+        source = open_weights([file])
+    else:  # Kijai / ComfyUI single files (bf16 / fp16, optional `model.` prefix), found by content
+        from .formats import float_weights, open_component
+
+        source = float_weights(open_component(file, "vae"))
     if config is None:
         config = infer_vae_config(source)
     with torch.device("meta"):
