@@ -76,6 +76,15 @@ def _add_generate(sub) -> None:
     src.add_argument("--bbox2", metavar="X0,Y0,X1,Y1", help="pixel box of speaker 2")
     src.add_argument("--input-json", metavar="PATH",
                      help="official input JSON (prompt, cond_video, cond_audio, audio_type, bbox); flags override it")
+    tts = p.add_argument_group("speech from text (instead of --audio; pip install 'infinitetalk[tts]', "
+                               "infinitetalk download --tts)")
+    tts.add_argument("--text", default=None, help="words to speak; a script with (s1) ... (s2) ... turns makes two speakers")
+    tts.add_argument("--text-file", metavar="PATH", default=None, help="UTF-8 file with the words or the (s1)/(s2) script")
+    tts.add_argument("--voice", default=None, help="Kokoro voice of speaker 1, a name or a .pt file (default af_heart)")
+    tts.add_argument("--voice2", default=None, help="Kokoro voice of speaker 2 (default am_adam)")
+    tts.add_argument("--lang", default=None, help="a (US English), b (UK), e, f, h, i, p; default: the voice's first letter")
+    tts.add_argument("--speed", type=float, default=None, help="speaking speed (default 1.0)")
+    tts.add_argument("--save-audio", metavar="PATH.wav", default=None, help="also keep the speech track (24 kHz WAV) here")
     src.add_argument("--prompt", default=None, help="what the video shows (changes motion and style, not identity)")
     src.add_argument("--negative-prompt", default=None, help="what to avoid (default: the official negative prompt)")
 
@@ -142,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights folder (default $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights)")
     dl.add_argument("--lora", choices=("fast", "fusionx"), default=None,
                     help="fetch only the LoRA of this preset into DIR/loras (for --preset fast / fusionx)")
+    dl.add_argument("--tts", action="store_true",
+                    help="fetch only the Kokoro-82M speech model and voices into DIR/Kokoro-82M (for --text)")
     dl.set_defaults(func=cmd_download)
     info = sub.add_parser("info", help="versions, device, and where weights are found")
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
@@ -229,11 +240,12 @@ def _request_and_config(args: argparse.Namespace):
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
+    fields.update(getattr(args, "speech_fields", None) or {})  # set by _speech_from_text
     boxes = (parse_box(args.bbox1, "speaker 1"), parse_box(args.bbox2, "speaker 2"))
     if any(b is not None for b in boxes):
         fields["boxes"] = boxes
     if "audio" not in fields:
-        raise InputError("Give the speech with --audio PATH (or cond_audio.person1 in --input-json).")
+        raise InputError("Give the speech with --audio PATH or the words with --text (or cond_audio.person1 in --input-json).")
     if "image" not in fields and "video" not in fields:
         raise InputError("Give a portrait with --image PATH or a video to dub with --video PATH.")
     request = GenerationRequest(**fields)
@@ -267,6 +279,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generation.pipeline import InfiniteTalk, job_settings, runtime_settings
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    _speech_from_text(args, say)
     request, cfg = _request_and_config(args)
     output = Path(args.output).expanduser()
     if output.is_dir():
@@ -303,6 +316,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speech_from_text(args: argparse.Namespace, say) -> None:
+    """--text / --text-file: synthesise the speech first and put its tracks into the job
+    (args.speech_fields), so the normal input checks see ordinary audio files."""
+    if args.text is None and args.text_file is None:
+        if args.save_audio or args.voice or args.voice2 or args.lang or args.speed is not None:
+            raise InputError("--voice, --voice2, --lang, --speed and --save-audio go with --text or --text-file.")
+        return
+    from .media.tts import speech_request_fields
+
+    if args.audio is not None or args.audio2 is not None:
+        raise InputError("Give the speech either with --audio or with --text / --text-file, not both.")
+    if not (args.image or args.video or args.input_json):
+        raise InputError("Give a portrait with --image PATH or a video to dub with --video PATH.")
+    keys = {"text": args.text, "text_file": args.text_file, "voice": args.voice, "voice2": args.voice2,
+            "lang": args.lang, "speed": args.speed, "save_audio": args.save_audio, "tts_weights": args.weights,
+            "image": args.image, "video": args.video}
+    say("synthesising the speech (Kokoro-82M) ...")
+    fields = speech_request_fields({k: v for k, v in keys.items() if v is not None}, device=args.device)
+    args.speech_fields = {"audio2": None, **{k: v for k, v in fields.items() if k not in ("image", "video")}}
+    if args.save_audio:
+        say(f"wrote the speech track {args.save_audio}")
+
+
 def _loras(args: argparse.Namespace) -> list:
     """--lora PATH[:SCALE] values, plus the LoRA a preset needs (official model only)."""
     loras = []
@@ -329,6 +365,13 @@ def cmd_download(args: argparse.Namespace) -> int:
     from .weights.hub import default_weights_dir, download_preset_lora, download_weights
 
     root = Path(args.dir).expanduser() if args.dir else default_weights_dir()
+    if args.tts:
+        from .weights.tts_loader import download_tts_weights
+
+        layout = download_tts_weights(root, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"Kokoro-82M present in {layout.folder} ({len(layout.voices())} voices)")
+        print(f"run: infinitetalk generate --weights {root} --image face.png --text \"Hello.\" --output talk.mp4")
+        return 0
     if args.lora:
         path = download_preset_lora(root, args.lora)
         print(f"wrote {path}; use it with: infinitetalk generate --preset {args.lora} --weights {root} ...")

@@ -70,6 +70,7 @@ class GenerationRequest:
     boxes: Optional[tuple[Optional[Box], Optional[Box]]] = None
     prompt: str = ""
     negative_prompt: Optional[str] = None
+    normalize_loudness: bool = True  # False for synthesised speech (media.tts), as the official TTS path
 
     @property
     def speakers(self) -> int:
@@ -217,7 +218,8 @@ def prepare_inputs(request: GenerationRequest, cfg: GenerationConfig) -> Prepare
 
     # speech
     paths = [audio] + ([audio2] if audio2 is not None else [])
-    tracks = load_speakers(paths, request.audio_type if request.speakers == 2 else "para")
+    tracks = load_speakers(paths, request.audio_type if request.speakers == 2 else "para",
+                           normalize=request.normalize_loudness)
     if tracks.num_frames < 1:
         raise InputError("The speech is shorter than one video frame (40 ms); give a longer audio file.")
     return PreparedInputs(
@@ -315,5 +317,6 @@ def prompt_hash_material(request: GenerationRequest) -> dict:
         "boxes": [list(b) if b is not None else None for b in request.boxes] if request.boxes else None,
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
+        **({} if request.normalize_loudness else {"normalize_loudness": False}),
     }
 

@@ -1,0 +1,243 @@
+"""Speech from text (Kokoro) without the real weights.
+
+A weights folder is made here the way `infinitetalk download --tts` leaves it (config.json,
+kokoro-v1_0.pth, voices/*.pt), but the checkpoint holds the random initial weights of the
+`kokoro` package's own KModel built from a small config (the real classes and vocabulary, fewer
+and narrower layers, short phoneme durations: the sound is noise). Everything after that is the
+real path: the loader, misaki's espeak-ng G2P (offline), the turn-by-turn WAV writer, the 16 kHz
+audio path and the CLI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("kokoro", reason="the optional 'tts' extra (kokoro) is not installed")
+
+from infinitetalk.cli import main  # noqa: E402
+from infinitetalk.errors import InputError, MissingWeightsError  # noqa: E402
+from infinitetalk.media.audio import arrange_speakers, load_speech  # noqa: E402
+from infinitetalk.media.tts import (  # noqa: E402
+    SpeechRequest,
+    parse_script,
+    synthesize_request,
+)
+from infinitetalk.media.tts_engine import KokoroEngine  # noqa: E402
+from infinitetalk.weights.tts_loader import (  # noqa: E402
+    COMPONENTS,
+    KOKORO_DIR,
+    load_kokoro,
+    locate_tts_weights,
+    verify_file,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The published Kokoro-82M vocabulary (phoneme -> token id).
+VOCAB = {";": 1, ":": 2, ",": 3, ".": 4, "!": 5, "?": 6, "—": 9, "…": 10, "\"": 11, "(": 12, ")": 13, "“": 14,
+         "”": 15, " ": 16, "\u0303": 17, "ʣ": 18, "ʥ": 19, "ʦ": 20, "ʨ": 21, "ᵝ": 22, "\uab67": 23, "A": 24, "I": 25,
+         "O": 31, "Q": 33, "S": 35, "T": 36, "W": 39, "Y": 41, "ᵊ": 42, "a": 43, "b": 44, "c": 45, "d": 46, "e": 47,
+         "f": 48, "h": 50, "i": 51, "j": 52, "k": 53, "l": 54, "m": 55, "n": 56, "o": 57, "p": 58, "q": 59, "r": 60,
+         "s": 61, "t": 62, "u": 63, "v": 64, "w": 65, "x": 66, "y": 67, "z": 68, "ɑ": 69, "ɐ": 70, "ɒ": 71, "æ": 72,
+         "β": 75, "ɔ": 76, "ɕ": 77, "ç": 78, "ɖ": 80, "ð": 81, "ʤ": 82, "ə": 83, "ɚ": 85, "ɛ": 86, "ɜ": 87, "ɟ": 90,
+         "ɡ": 92, "ɥ": 99, "ɨ": 101, "ɪ": 102, "ʝ": 103, "ɯ": 110, "ɰ": 111, "ŋ": 112, "ɳ": 113, "ɲ": 114, "ɴ": 115,
+         "ø": 116, "ɸ": 118, "θ": 119, "œ": 120, "ɹ": 123, "ɾ": 125, "ɻ": 126, "ʁ": 128, "ɽ": 129, "ʂ": 130, "ʃ": 131,
+         "ʈ": 132, "ʧ": 133, "ʊ": 135, "ʋ": 136, "ʌ": 138, "ɣ": 139, "ɤ": 140, "χ": 142, "ʎ": 143, "ʒ": 147, "ʔ": 148,
+         "ˈ": 156, "ˌ": 157, "ː": 158, "ʰ": 162, "ʲ": 164, "↓": 169, "→": 171, "↗": 172, "↘": 173, "ᵻ": 177}
+
+# Kokoro-82M's config.json with smaller sizes where the classes allow it (the decoder's 512/1024
+# channels are fixed in the code); max_dur 2 keeps every phoneme at one or two 25 ms frames.
+TINY_CONFIG = {
+    "istftnet": {"upsample_kernel_sizes": [20, 12], "upsample_rates": [10, 6], "gen_istft_hop_size": 5,
+                 "gen_istft_n_fft": 20, "resblock_dilation_sizes": [[1, 3, 5]], "resblock_kernel_sizes": [3],
+                 "upsample_initial_channel": 512},
+    "dim_in": 64, "dropout": 0.2, "hidden_dim": 512, "max_conv_dim": 512, "max_dur": 2, "multispeaker": True,
+    "n_layer": 1, "n_mels": 80, "n_token": 178, "style_dim": 128, "text_encoder_kernel_size": 5,
+    "plbert": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512,
+               "num_hidden_layers": 1, "dropout": 0.1},
+    "vocab": VOCAB,
+}
+VOICES = ("af_heart", "am_adam", "bf_emma")
+
+
+def make_tts_weights(root: Path) -> Path:
+    """A Kokoro-82M folder with random weights, laid out as the download leaves it."""
+    from kokoro import KModel
+
+    folder = root / KOKORO_DIR
+    (folder / "voices").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG, ensure_ascii=False), encoding="utf-8")
+    torch.save({}, folder / "empty.pth")
+    torch.manual_seed(1234)
+    model = KModel(repo_id="hexgrad/Kokoro-82M", config=TINY_CONFIG, model=str(folder / "empty.pth"))
+    (folder / "empty.pth").unlink()
+    # as in the published file: one state dict per part, keys with DataParallel's "module." prefix
+    torch.save({part: {f"module.{k}": v for k, v in getattr(model, part).state_dict().items()} for part in COMPONENTS},
+               folder / "kokoro-v1_0.pth")
+    gen = torch.Generator().manual_seed(7)
+    for name in VOICES:
+        torch.save(torch.randn(510, 1, 256, generator=gen) * 0.15, folder / "voices" / f"{name}.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return make_tts_weights(tmp_path_factory.mktemp("tts_weights"))
+
+
+@pytest.fixture(scope="module")
+def engine(weights) -> KokoroEngine:
+    return KokoroEngine(load_kokoro(locate_tts_weights(weights)), "a")
+
+
+@pytest.fixture(autouse=True)
+def _speech_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFINITETALK_SPEECH_CACHE", str(tmp_path / "speech_cache"))
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as w:
+        assert (w.getnchannels(), w.getsampwidth()) == (1, 2)
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        return data, w.getframerate()
+
+
+# ---- script parsing -----------------------------------------------------------------------
+
+
+def test_script_turns_and_plain_text():
+    assert [(t.speaker, t.text) for t in parse_script("Hello there.\nSecond line.")] == [(1, "Hello there.\nSecond line.")]
+    turns = parse_script("(s1) Hi, I am one.\n(s2) And I am two. (S1)Back to one.")
+    assert [(t.speaker, t.text) for t in turns] == [(1, "Hi, I am one."), (2, "And I am two."), (1, "Back to one.")]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("   \n ", "empty"),
+    ("(s1) Hello. (s3) Who am I?", "(s3)"),
+    ("Intro words (s1) Hello.", "before its first"),
+    ("(s1) Hello. (s2)", "no words"),
+])
+def test_bad_scripts_are_one_sentence(text, words):
+    with pytest.raises(InputError) as info:
+        parse_script(text)
+    message = str(info.value)
+    assert words in message and "\n" not in message and message.endswith(".")
+
+
+# ---- synthesis ----------------------------------------------------------------------------
+
+
+def test_two_speakers_turn_by_turn_equal_add(weights, engine, tmp_path):
+    script = "(s1) Hi there, friend.\n(s2) Hello!"
+    files = synthesize_request(SpeechRequest(script, "af_heart", "am_adam"), weights, tmp_path / "duo", engine=engine)
+    assert files.speakers == 2 and [t.speaker for t in files.turns] == [1, 2]
+    t1, rate = read_wav(files.tracks[0])
+    t2, _ = read_wav(files.tracks[1])
+    mix, _ = read_wav(files.mix)
+    assert rate == 24000 and t1.shape == t2.shape == mix.shape == (files.num_samples,)
+    one, two = files.turns
+    assert one.start == 0 and two.start == one.samples and one.samples > 2400 and two.samples > 1200
+    # each turn is sound on its speaker's track and exact silence on the other's
+    assert np.all(t2[: one.samples] == 0) and np.abs(t1[: one.samples]).max() > 0
+    assert np.all(t1[one.samples:] == 0) and np.abs(t2[one.samples:]).max() > 0
+    assert np.array_equal(mix.astype(np.int32), t1.astype(np.int32) + t2)
+
+    # each turn alone (one speaker, its voice) has the same samples, and `add` of the two
+    # single-speaker tracks is the script's arrangement
+    alone1 = synthesize_request(SpeechRequest("Hi there, friend.", "af_heart"), weights, tmp_path / "a", engine=engine)
+    alone2 = synthesize_request(SpeechRequest("Hello!", "am_adam"), weights, tmp_path / "b", engine=engine)
+    a1, _ = read_wav(alone1.tracks[0])
+    a2, _ = read_wav(alone2.tracks[0])
+    assert (a1.shape[0], a2.shape[0]) == (one.samples, two.samples)
+    added = arrange_speakers([a1.astype(np.float32), a2.astype(np.float32)], "add", sample_rate=24000)
+    assert np.array_equal(added.speakers[0], t1.astype(np.float32))
+    assert np.array_equal(added.speakers[1], t2.astype(np.float32))
+
+    # the normal audio path: 16 kHz, no loudness normalisation (as the official TTS path)
+    fields = files.request_fields()
+    assert fields["audio_type"] == "para" and fields["normalize_loudness"] is False
+    s1 = load_speech(fields["audio"], normalize=False)
+    assert s1.sample_rate == 16000 and abs(s1.num_samples - files.num_samples * 2 / 3) <= 1
+
+
+def test_lines_are_chunks_and_voices_differ(weights, engine, tmp_path):
+    lines = synthesize_request(SpeechRequest("Good morning.\n\nGood night."), weights, tmp_path / "l", engine=engine)
+    parts = [synthesize_request(SpeechRequest(t), weights, tmp_path / f"p{i}", engine=engine)
+             for i, t in enumerate(("Good morning.", "Good night."))]
+    assert lines.num_samples == sum(p.num_samples for p in parts)
+    other = synthesize_request(SpeechRequest("Good morning.", "bf_emma", lang="a"), weights, tmp_path / "v", engine=engine)
+    assert not np.array_equal(read_wav(other.tracks[0])[0], read_wav(parts[0].tracks[0])[0])
+
+
+def test_bad_requests_before_any_model(weights, tmp_path):
+    with pytest.raises(InputError, match="Unknown voice 'zz_nobody'.*af_heart, am_adam, bf_emma"):
+        synthesize_request(SpeechRequest("Hello.", "zz_nobody"), weights, tmp_path / "x")
+    with pytest.raises(InputError, match="Unknown speech language 'q'"):
+        synthesize_request(SpeechRequest("Hello.", lang="q"), weights, tmp_path / "x")
+    with pytest.raises(InputError, match="speed"):
+        synthesize_request(SpeechRequest("Hello.", speed=0), weights, tmp_path / "x")
+    with pytest.raises(MissingWeightsError, match="infinitetalk download --tts --dir"):
+        synthesize_request(SpeechRequest("Hello."), tmp_path / "no_weights", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_verify_file_checks_size_and_sha(tmp_path):
+    import hashlib
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"kokoro")
+    assert verify_file(path, 6, hashlib.sha256(b"kokoro").hexdigest())
+    assert not verify_file(path, 6, hashlib.sha256(b"other!").hexdigest())
+    assert not verify_file(path, 7)
+    blob = hashlib.sha1(b"blob 6\0kokoro").hexdigest()  # git's id of the same bytes
+    assert verify_file(path, 6, None, blob) and not verify_file(path, 6, None, "0" * 40)
+
+
+# ---- the command --------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-m", "infinitetalk.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_bad_text_exits_2_with_one_sentence(weights, tmp_path, media_dir):
+    image = next(p for p in sorted(media_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    base = ["generate", "--model", "tiny", "--image", str(image), "--weights", str(weights),
+            "--output", str(tmp_path / "out.mp4")]
+    for extra, words in ((["--text", "(s1) Hi. (s3) Who?"], "(s3)"), (["--text", ""], "empty"),
+                         (["--text", "Hi.", "--voice", "nobody"], "Unknown voice")):
+        done = _cli(*base, *extra)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2, done.stderr
+        assert words in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_cli_text_to_video_with_saved_speech(weights, tmp_path, media_dir):
+    from test_e2e_tiny import check_video
+
+    from PIL import Image
+
+    image = next(p for p in sorted(media_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    script = tmp_path / "script.txt"
+    script.write_text("(s1) Hi.\n(s2) Hello there.\n", encoding="utf-8")
+    out, speech = tmp_path / "duo.mp4", tmp_path / "duo.wav"
+    code = main(["generate", "--model", "tiny", "--image", str(image), "--text-file", str(script),
+                 "--voice", "af_heart", "--voice2", "am_adam", "--weights", str(weights), "--steps", "2",
+                 "--save-audio", str(speech), "--output", str(out), "--quiet"])
+    assert code == 0
+    mix, rate = read_wav(speech)
+    assert rate == 24000
+    with Image.open(image) as im:
+        info = check_video(out, (im.height, im.width))
+    assert abs(info["audio_s"] - mix.shape[0] / rate) < 0.05
