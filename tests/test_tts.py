@@ -136,7 +136,7 @@ def test_bad_scripts_are_one_sentence(text, words):
 
 
 def test_two_speakers_turn_by_turn_equal_add(weights, engine, tmp_path):
-    script = "(s1) Hi there, friend.\n(s2) Hello!"
+    script = "(s1) Hi there.\n(s2) Hello!"
     files = synthesize_request(SpeechRequest(script, "af_heart", "am_adam"), weights, tmp_path / "duo", engine=engine)
     assert files.speakers == 2 and [t.speaker for t in files.turns] == [1, 2]
     t1, rate = read_wav(files.tracks[0])
@@ -144,7 +144,7 @@ def test_two_speakers_turn_by_turn_equal_add(weights, engine, tmp_path):
     mix, _ = read_wav(files.mix)
     assert rate == 24000 and t1.shape == t2.shape == mix.shape == (files.num_samples,)
     one, two = files.turns
-    assert one.start == 0 and two.start == one.samples and one.samples > 2400 and two.samples > 1200
+    assert one.start == 0 and two.start == one.samples and one.samples > 1200 and two.samples > 600
     # each turn is sound on its speaker's track and exact silence on the other's
     assert np.all(t2[: one.samples] == 0) and np.abs(t1[: one.samples]).max() > 0
     assert np.all(t1[one.samples:] == 0) and np.abs(t2[one.samples:]).max() > 0
@@ -152,7 +152,7 @@ def test_two_speakers_turn_by_turn_equal_add(weights, engine, tmp_path):
 
     # each turn alone (one speaker, its voice) has the same samples, and `add` of the two
     # single-speaker tracks is the script's arrangement
-    alone1 = synthesize_request(SpeechRequest("Hi there, friend.", "af_heart"), weights, tmp_path / "a", engine=engine)
+    alone1 = synthesize_request(SpeechRequest("Hi there.", "af_heart"), weights, tmp_path / "a", engine=engine)
     alone2 = synthesize_request(SpeechRequest("Hello!", "am_adam"), weights, tmp_path / "b", engine=engine)
     a1, _ = read_wav(alone1.tracks[0])
     a2, _ = read_wav(alone2.tracks[0])
@@ -168,13 +168,13 @@ def test_two_speakers_turn_by_turn_equal_add(weights, engine, tmp_path):
     assert s1.sample_rate == 16000 and abs(s1.num_samples - files.num_samples * 2 / 3) <= 1
 
 
-def test_lines_are_chunks_and_voices_differ(weights, engine, tmp_path):
-    lines = synthesize_request(SpeechRequest("Good morning.\n\nGood night."), weights, tmp_path / "l", engine=engine)
-    parts = [synthesize_request(SpeechRequest(t), weights, tmp_path / f"p{i}", engine=engine)
-             for i, t in enumerate(("Good morning.", "Good night."))]
-    assert lines.num_samples == sum(p.num_samples for p in parts)
-    other = synthesize_request(SpeechRequest("Good morning.", "bf_emma", lang="a"), weights, tmp_path / "v", engine=engine)
-    assert not np.array_equal(read_wav(other.tracks[0])[0], read_wav(parts[0].tracks[0])[0])
+def test_text_is_split_at_line_breaks_then_sentences(engine):
+    chunks = [text for text, _ in engine.chunks("Good morning.\n\nGood night. Sleep well!\nBye")]
+    assert chunks == ["Good morning.", "Good night. Sleep well!", "Bye"]
+    long = " ".join(["This sentence is rather long, and it goes on."] * 30)  # 1,400 characters, one line
+    parts = list(engine.chunks(long))
+    assert len(parts) > 3 and all(len(ps) <= 510 for _, ps in parts)
+    assert " ".join(text for text, _ in parts) == long
 
 
 def test_bad_requests_before_any_model(weights, tmp_path):
@@ -210,17 +210,21 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=120)
 
 
-def test_cli_bad_text_exits_2_with_one_sentence(weights, tmp_path, media_dir):
-    image = next(p for p in sorted(media_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    base = ["generate", "--model", "tiny", "--image", str(image), "--weights", str(weights),
+def test_cli_bad_text_exits_2_with_one_sentence(weights, tmp_path, media_dir, capsys):
+    base = ["generate", "--model", "tiny", "--image", str(media_dir / "portrait.png"), "--weights", str(weights),
             "--output", str(tmp_path / "out.mp4")]
-    for extra, words in ((["--text", "(s1) Hi. (s3) Who?"], "(s3)"), (["--text", ""], "empty"),
-                         (["--text", "Hi.", "--voice", "nobody"], "Unknown voice")):
-        done = _cli(*base, *extra)
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        assert done.returncode == 2, done.stderr
-        assert words in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in done.stderr
-    assert not (tmp_path / "out.mp4").exists()
+    done = _cli(*base, "--text", "(s1) Hi. (s3) Who?")  # the real command in its own process
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert lines == ["error: The script uses the marker (s3); only (s1) and (s2) are supported (two speakers)."]
+    for extra, words in ((["--text", ""], "is empty"), (["--text", "Hi.", "--voice", "nobody"], "Unknown voice"),
+                         (["--text", "Hi.", "--save-audio", str(tmp_path / "s.mp3")], ".wav file name"),
+                         (["--audio", str(media_dir / "speech.mp3"), "--save-audio", str(tmp_path / "s.wav")],
+                          "go with --text")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and err[0].startswith("error: "), err
+    assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "s.wav").exists()
 
 
 def test_cli_text_to_video_with_saved_speech(weights, tmp_path, media_dir):
@@ -228,7 +232,7 @@ def test_cli_text_to_video_with_saved_speech(weights, tmp_path, media_dir):
 
     from PIL import Image
 
-    image = next(p for p in sorted(media_dir.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    image = media_dir / "portrait.png"
     script = tmp_path / "script.txt"
     script.write_text("(s1) Hi.\n(s2) Hello there.\n", encoding="utf-8")
     out, speech = tmp_path / "duo.mp4", tmp_path / "duo.wav"

@@ -332,8 +332,8 @@ def _speech_from_text(args: argparse.Namespace, say) -> None:
     keys = {"text": args.text, "text_file": args.text_file, "voice": args.voice, "voice2": args.voice2,
             "lang": args.lang, "speed": args.speed, "save_audio": args.save_audio, "tts_weights": args.weights,
             "image": args.image, "video": args.video}
-    say("synthesising the speech (Kokoro-82M) ...")
-    fields = speech_request_fields({k: v for k, v in keys.items() if v is not None}, device=args.device)
+    fields = speech_request_fields({k: v for k, v in keys.items() if v is not None}, device=args.device,
+                                   progress=lambda event: say(event.message))
     args.speech_fields = {"audio2": None, **{k: v for k, v in fields.items() if k not in ("image", "video")}}
     if args.save_audio:
         say(f"wrote the speech track {args.save_audio}")

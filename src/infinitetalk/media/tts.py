@@ -251,14 +251,13 @@ def plan_speech(request: SpeechRequest, weights: Optional[PathLike] = None) -> S
     turns = parse_script(request.text)
     lang = check_lang(request.lang) if request.lang else lang_for_voice(request.voice)
     speed = check_speed(request.speed)
-    problem = kokoro_missing()
+    layout = locate_tts_weights(weights)
+    voices = {1: layout.voice_path(request.voice)}
+    if script_speakers(turns) == 2:
+        voices[2] = layout.voice_path(request.voice2)
+    problem = kokoro_missing()  # last: importing kokoro (and spaCy) takes seconds
     if problem:
         raise InputError(problem)
-    layout = locate_tts_weights(weights)
-    speakers = script_speakers(turns)
-    voices = {1: layout.voice_path(request.voice)}
-    if speakers == 2:
-        voices[2] = layout.voice_path(request.voice2)
     return SpeechPlan(tuple(turns), lang, speed, layout, voices)
 
 
