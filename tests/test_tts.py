@@ -245,3 +245,119 @@ def test_cli_text_to_video_with_saved_speech(weights, tmp_path, media_dir):
     with Image.open(image) as im:
         info = check_video(out, (im.height, im.width))
     assert abs(info["audio_s"] - mix.shape[0] / rate) < 0.05
+
+
+# ---- download through a local hub ---------------------------------------------------------
+
+
+class _FakeHub:
+    """A local HTTP server answering the two hub requests the download makes: the model info
+    (files with sizes and checksums) and file downloads (HEAD + GET with the hub's headers)."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, folder: Path, corrupt_once: str):
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        self.served: list[str] = []
+        self.corrupt_once = {corrupt_once}
+        hub = self
+
+        def sibling(name: str, data: bytes) -> dict:
+            if name.endswith(".json"):  # small files are plain git blobs, the rest LFS
+                return {"rfilename": name, "size": len(data),
+                        "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+            return {"rfilename": name, "size": len(data), "blobId": "f" * 40,
+                    "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
+
+        info = {"id": "hexgrad/Kokoro-82M", "modelId": "hexgrad/Kokoro-82M", "sha": self.COMMIT, "private": False,
+                "siblings": [sibling(n, d) for n, d in files.items()] + [{"rfilename": "README.md", "size": 3}]}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _file(self, head: bool):
+                path = self.path.split("?")[0]
+                if path.startswith("/api/models/hexgrad/Kokoro-82M"):
+                    body = json.dumps(info).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body if not head else b"")
+                    return
+                prefix = f"/hexgrad/Kokoro-82M/resolve/{hub.COMMIT}/"
+                name = path[len(prefix):] if path.startswith(prefix) else None
+                if name not in files:
+                    self.send_error(404)
+                    return
+                data = files[name]
+                if not head and name in hub.corrupt_once:  # a damaged transfer of the right size
+                    hub.corrupt_once.discard(name)
+                    data = bytes(len(data))
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha256(files[name]).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not head:
+                    hub.served.append(name)
+                    self.wfile.write(data)
+
+            def do_HEAD(self):
+                self._file(True)
+
+            def do_GET(self):
+                self._file(False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_download_tts_checks_every_file(weights, tmp_path):
+    from infinitetalk.errors import HubError
+    from infinitetalk.weights.tts_loader import download_tts_weights
+
+    source = weights / KOKORO_DIR
+    with _FakeHub(source, corrupt_once="kokoro-v1_0.pth") as hub:
+        layout = download_tts_weights(tmp_path, log_fn=lambda m: None, endpoint=hub.url)
+        assert layout.voices() == sorted(VOICES)
+        assert hub.served.count("kokoro-v1_0.pth") == 2  # the damaged copy was caught and fetched again
+        for name in ("config.json", "kokoro-v1_0.pth", "voices/am_adam.pt"):
+            assert (layout.folder / name).read_bytes() == (source / name).read_bytes()
+        assert not (layout.folder / "README.md").exists()
+        served = len(hub.served)
+        download_tts_weights(tmp_path, log_fn=lambda m: None, endpoint=hub.url)  # complete: nothing again
+        assert len(hub.served) == served
+    with pytest.raises(HubError, match="Could not download hexgrad/Kokoro-82M.*run the same command again"):
+        download_tts_weights(tmp_path / "other", log_fn=lambda m: None, endpoint="http://127.0.0.1:9")
+
+
+def test_python_text_request_gives_unnormalised_16k_tracks(weights, media_dir):
+    from infinitetalk import InfiniteTalk
+    from infinitetalk.media.audio_decode import decode_audio
+
+    pipe = InfiniteTalk.from_pretrained(model="tiny", device="cpu")
+    inputs, _ = pipe.prepare(image=media_dir / "portrait.png", text="(s2) Hi.", voice2="am_adam", tts_weights=weights)
+    request = inputs.request
+    assert request.speakers == 2 and request.normalize_loudness is False
+    assert inputs.tracks.sample_rate == 16000 and not inputs.tracks.speakers[0].any()  # (s2) only: speaker 1 silent
+    assert np.array_equal(inputs.tracks.speakers[1], decode_audio(request.audio2))  # resampled, no gain
+    with pytest.raises(InputError, match="not both"):
+        pipe.prepare(image=media_dir / "portrait.png", text="Hi.", audio=media_dir / "speech.mp3", tts_weights=weights)
