@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -239,7 +240,10 @@ def load_kokoro(layout: TTSLayout, device="cpu"):
             f"fetch it again with {tts_download_command(layout.root)}."
         )
     try:
-        model = KModel(repo_id=KOKORO_REPO, config=config, model=str(layout.model))
+        with warnings.catch_warnings():  # torch's notes on Kokoro's weight_norm / 1-layer LSTM dropout
+            warnings.simplefilter("ignore", category=UserWarning)
+            warnings.simplefilter("ignore", category=FutureWarning)
+            model = KModel(repo_id=KOKORO_REPO, config=config, model=str(layout.model))
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise CheckpointError(f"{layout.model} does not fit {layout.config} ({type(exc).__name__}: {exc}).") from exc
     for part in COMPONENTS:  # KModel falls back to a non-strict load; make a short file an error
