@@ -33,6 +33,8 @@ _LAZY = {
     "load_audio_encoder": ("weights.audio_loader", "load_audio_encoder"),
     "load_speech": ("media.audio", "load_speech"),
     "FastOptions": ("runtime.fast", "FastOptions"),
+    "SpeechRequest": ("media.tts", "SpeechRequest"),
+    "synthesize_request": ("media.tts", "synthesize_request"),
 }
 
 

@@ -75,6 +75,15 @@ def _add_generate(sub) -> None:
     src.add_argument("--bbox2", metavar="X0,Y0,X1,Y1", help="pixel box of speaker 2")
     src.add_argument("--input-json", metavar="PATH",
                      help="official input JSON (prompt, cond_video, cond_audio, audio_type, bbox); flags override it")
+    tts = p.add_argument_group("speech from text (instead of --audio; pip install 'infinitetalk[tts]', "
+                               "infinitetalk download --tts)")
+    tts.add_argument("--text", default=None, help="words to speak; a script with (s1) ... (s2) ... turns makes two speakers")
+    tts.add_argument("--text-file", metavar="PATH", default=None, help="UTF-8 file with the words or the (s1)/(s2) script")
+    tts.add_argument("--voice", default=None, help="Kokoro voice of speaker 1, a name or a .pt file (default af_heart)")
+    tts.add_argument("--voice2", default=None, help="Kokoro voice of speaker 2 (default am_adam)")
+    tts.add_argument("--lang", default=None, help="a (US English), b (UK), e, f, h, i, p; default: the voice's first letter")
+    tts.add_argument("--speed", type=float, default=None, help="speaking speed (default 1.0)")
+    tts.add_argument("--save-audio", metavar="PATH.wav", default=None, help="also keep the speech track (24 kHz WAV) here")
     src.add_argument("--prompt", default=None, help="what the video shows (changes motion and style, not identity)")
     src.add_argument("--negative-prompt", default=None, help="what to avoid (default: the official negative prompt)")
 
@@ -165,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights folder (default $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights)")
     dl.add_argument("--lora", choices=("fast", "fusionx"), default=None,
                     help="fetch only the LoRA of this preset into DIR/loras (for --preset fast / fusionx)")
+    dl.add_argument("--tts", action="store_true",
+                    help="fetch only the Kokoro-82M speech model and voices into DIR/Kokoro-82M (for --text)")
     dl.set_defaults(func=cmd_download)
     info = sub.add_parser("info", help="versions, device, and where weights are found")
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
@@ -250,7 +261,8 @@ def job_spec(args: argparse.Namespace):
         size=args.size, mode=args.mode, steps=args.steps, seed=args.seed, shift=args.shift,
         text_guide_scale=args.text_guide_scale, audio_guide_scale=args.audio_guide_scale,
         color_correction=args.color_correction, teacache=args.teacache, max_seconds=args.max_seconds,
-        resume=args.resume, runtime=runtime,
+        resume=args.resume, runtime=runtime, text=args.text, text_file=args.text_file, voice=args.voice,
+        voice2=args.voice2, lang=args.lang, speed=args.speed, save_audio=args.save_audio,
     )
 
 
@@ -283,6 +295,13 @@ def cmd_download(args: argparse.Namespace) -> int:
     from .weights.hub import default_weights_dir, download_preset_lora, download_weights
 
     root = Path(args.dir).expanduser() if args.dir else default_weights_dir()
+    if args.tts:
+        from .weights.tts_loader import download_tts_weights
+
+        layout = download_tts_weights(root, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"Kokoro-82M present in {layout.folder} ({len(layout.voices())} voices)")
+        print(f"run: infinitetalk generate --weights {root} --image face.png --text \"Hello.\" --output talk.mp4")
+        return 0
     if args.lora:
         path = download_preset_lora(root, args.lora)
         print(f"wrote {path}; use it with: infinitetalk generate --preset {args.lora} --weights {root} ...")

@@ -74,6 +74,7 @@ class GenerationRequest:
     prompt: str = ""
     negative_prompt: Optional[str] = None
     features: Optional[tuple[torch.Tensor, ...]] = field(default=None, compare=False, repr=False)
+    normalize_loudness: bool = True  # False for synthesised speech (media.tts), as the official TTS path
 
     @property
     def speakers(self) -> int:
@@ -232,7 +233,8 @@ def prepare_inputs(request: GenerationRequest, cfg: GenerationConfig,
     tracks = None
     if audio is not None:
         paths = [audio] + ([audio2] if audio2 is not None else [])
-        tracks = load_speakers(paths, request.audio_type if len(paths) == 2 else "para")
+        tracks = load_speakers(paths, request.audio_type if len(paths) == 2 else "para",
+                               normalize=request.normalize_loudness)
         if tracks.num_frames < 1:
             raise InputError("The speech is shorter than one video frame (40 ms); give a longer audio file.")
     elif request.features is None:
@@ -358,5 +360,6 @@ def prompt_hash_material(request: GenerationRequest) -> dict:
         "boxes": [list(b) if b is not None else None for b in request.boxes] if request.boxes else None,
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
+        **({} if request.normalize_loudness else {"normalize_loudness": False}),
     }
 

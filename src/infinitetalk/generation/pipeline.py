@@ -368,9 +368,14 @@ class InfiniteTalk:
         return config_for(self.components.name, config, **settings)
 
     def prepare(self, config: Optional[GenerationConfig] = None, **request) -> tuple[PreparedInputs, GenerationConfig]:
-        """Check and decode the inputs of a job (no model runs); see `GenerationRequest` for the keys."""
+        """Check and decode the inputs of a job (no video model runs); see `GenerationRequest` for the
+        keys. `text=` (with voice=, voice2=, lang=, speed=, save_audio=, tts_weights=) is first
+        synthesised into speech tracks by `media.tts.speech_request_fields`."""
         settings = {k: request.pop(k) for k in list(request) if k in GenerationConfig.__dataclass_fields__}
-        unknown = set(request) - set(GenerationRequest.__dataclass_fields__)
+        if "text" in request or "text_file" in request:  # speech from text first (media.tts)
+            from ..media.tts import speech_request_fields
+
+            request = speech_request_fields(request, device=self.device)
         if "bbox" in request:  # the official in-memory dict ({name: [x_min, y_min, x_max, y_max]}, x = rows)
             request["boxes"] = boxes_from_official(request.pop("bbox"))
         if "features" in request and request["features"] is not None:
@@ -379,7 +384,7 @@ class InfiniteTalk:
         if unknown:
             raise InputError(f"Unknown job argument(s): {', '.join(sorted(unknown))}.")
         if "audio" not in request and request.get("features") is None:
-            raise InputError("Give the speech as audio=PATH (or precomputed features=[...]).")
+            raise InputError("Give the speech as audio=PATH (or the words as text=\"...\", or features=[...]).")
         cfg = self._config(config, settings)
         return self.prepare_request(GenerationRequest(**request), cfg), cfg
 

@@ -72,7 +72,8 @@ class RuntimeOptions:
 class JobSpec:
     """One job. Exactly one of `image` / `video`; `audio` (speaker 1) is required, `audio2` makes
     it a two-speaker job. Boxes are pixel boxes (x_min, y_min, x_max, y_max), x horizontal.
-    `input_json` is the official input JSON; fields given here override it.
+    `input_json` is the official input JSON; fields given here override it. `text` / `text_file`
+    replace the audio by synthesised speech (voice, voice2, lang, speed; see `media.tts`).
     `max_seconds` cuts the video; `teacache` turns TeaCache on; other generation fields are
     those of `GenerationConfig` under the CLI's names (see SETTING_FIELDS).
     `resume` continues the unfinished job writing `output` (same settings and files required).
@@ -89,6 +90,13 @@ class JobSpec:
     prompt: Optional[str] = None
     negative_prompt: Optional[str] = None
     input_json: Optional[str] = None
+    text: Optional[str] = None  # speech from text (Kokoro) instead of audio; (s1)/(s2) turns: two speakers
+    text_file: Optional[str] = None
+    voice: Optional[str] = None
+    voice2: Optional[str] = None
+    lang: Optional[str] = None
+    speed: Optional[float] = None
+    save_audio: Optional[str] = None  # keep the synthesised speech track here (.wav)
     preset: Optional[str] = None
     size: Optional[int] = None
     mode: Optional[str] = None

@@ -124,15 +124,39 @@ def build_request(spec: JobSpec):
         value = getattr(spec, key)
         if value is not None:
             fields[key] = value
+    fields.update(_speech_fields(spec, fields))
     if spec.bbox1 is not None or spec.bbox2 is not None:
         fields["boxes"] = (spec.bbox1, spec.bbox2)
     if "audio" not in fields:
-        raise InputError("Give the speech with --audio PATH (or cond_audio.person1 in --input-json).")
+        raise InputError("Give the speech with --audio PATH or the words with --text (or cond_audio.person1 in "
+                         "--input-json).")
     if "image" not in fields and "video" not in fields:
         raise InputError("Give a portrait with --image PATH or a video to dub with --video PATH.")
     if fields.get("image") and fields.get("video"):
         raise InputError("Give either an image or a video, not both.")
     return GenerationRequest(**fields)
+
+
+SPEECH_FIELDS = ("text", "text_file", "voice", "voice2", "lang", "speed", "save_audio")
+
+
+def _speech_fields(spec: JobSpec, fields: dict) -> dict:
+    """text / text_file: synthesise the speech (media.tts) into ordinary audio keywords."""
+    if spec.text is None and spec.text_file is None:
+        given = [f for f in SPEECH_FIELDS if getattr(spec, f) is not None]
+        if given:
+            raise InputError(f"{', '.join('--' + g.replace('_', '-') for g in given)}: these options go with --text "
+                             "or --text-file (speech from text).")
+        return {}
+    from ..media.tts import speech_request_fields
+
+    if fields.get("audio") is not None or fields.get("audio2") is not None:
+        raise InputError("Give the speech either with --audio or with --text / --text-file, not both.")
+    opts = {f: getattr(spec, f) for f in SPEECH_FIELDS if getattr(spec, f) is not None}
+    protect = {k: fields[k] for k in ("image", "video") if fields.get(k)}
+    out = speech_request_fields({**opts, **protect}, weights=spec.runtime.weights,
+                                device=str(resolve_device(spec.runtime.device)))
+    return {"audio2": None, **{k: v for k, v in out.items() if k not in ("image", "video")}}
 
 
 def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
