@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, device, and where weights are found")
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
     info.set_defaults(func=cmd_info)
+    from .ui.options import add_ui_parser  # `infinitetalk ui`: the web page (gradio is imported only when it runs)
+
+    add_ui_parser(sub)
     return parser
 
 
