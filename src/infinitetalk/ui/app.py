@@ -4,7 +4,6 @@ launches it (and opens the browser unless told not to)."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 import gradio as gr
@@ -34,14 +33,6 @@ CSS = """
 INTRO = """# InfiniteTalk
 Talking videos of any length from a portrait (or a video to dub) and speech. Each window of 81 frames appears
 below as soon as it is made; a cancelled or interrupted job can be resumed from the list."""
-
-
-def examples_dir() -> Optional[Path]:
-    """The repository's examples/ folder (beside src/), or ./examples, when it holds the sample files."""
-    for candidate in (Path(__file__).resolve().parents[3] / "examples", Path.cwd() / "examples"):
-        if (candidate / "portrait.jpg").is_file() and (candidate / "speech.wav").is_file():
-            return candidate
-    return None
 
 
 def _keep(value):
@@ -115,9 +106,10 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
                                  elem_id="it-status")
             with gr.Column(scale=2):
                 progress = gr.HTML(render.progress(None), elem_id="it-progress-box")
-                preview = gr.Video(label="Frames so far (with sound)", interactive=False, elem_id="it-preview")
-                result = gr.Video(label="Video", interactive=False, elem_id="it-result")
-                examples = examples_dir()
+                preview = gr.Video(label="Frames so far (with sound)", interactive=False, elem_id="it-preview",
+                                   height=320)
+                result = gr.Video(label="Video", interactive=False, elem_id="it-result", height=320)
+                examples = F.examples_dir()
                 if examples is not None:
                     portrait, speech = str(examples / "portrait.jpg"), str(examples / "speech.wav")
                     gr.Examples(
@@ -246,8 +238,8 @@ def serve(options: UiOptions) -> None:
     demo, page = build_app(options)
     options.jobs_dir.mkdir(parents=True, exist_ok=True)
     allowed = [str(options.jobs_dir.resolve())]
-    if examples_dir() is not None:
-        allowed.append(str(examples_dir()))
+    if F.examples_dir() is not None:
+        allowed.append(str(F.examples_dir()))
     demo.queue(default_concurrency_limit=4)
     try:
         demo.launch(server_name=options.host, server_port=options.port, share=options.share,

@@ -47,6 +47,14 @@ RANDOM_SEED = -1
 BOX_COLOURS = ("#ff3b30", "#0a84ff")
 
 
+def examples_dir() -> Optional[Path]:
+    """The repository's examples/ folder (beside src/), or ./examples, when it holds the sample files."""
+    for candidate in (Path(__file__).resolve().parents[3] / "examples", Path.cwd() / "examples"):
+        if (candidate / "portrait.jpg").is_file() and (candidate / "speech.wav").is_file():
+            return candidate
+    return None
+
+
 def preset_values(preset: str, size: int) -> dict:
     """Steps, shift and guidance scales the preset sets (the official recommended values)."""
     name = PRESET_NAMES.get(preset)

@@ -70,6 +70,11 @@ class JobFolder:
             raise InputError(f"The upload {src.name} cannot be read ({err.strerror or err}); upload it again.") from err
         return str(target)
 
+    def upload_names(self, sentence: str) -> str:
+        """A message about the copies in inputs/ names the uploads as the user knows them (their file
+        names), i.e. the sentence the CLI prints for those files given by name."""
+        return re.sub(re.escape(str(self.root / "inputs")) + r"/[^/\s]+/", "", sentence)
+
     def write_record(self, spec: JobSpec, title: str, settings: dict, windows: int) -> None:
         data = {"title": title, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "windows": windows,
                 "settings": settings, "spec": spec.to_dict()}

@@ -52,6 +52,11 @@ def progress(view: Optional[JobView]) -> str:
     else:
         head = view.stage or f"window {min(view.window + 1, windows)}/{windows}"
     times = f"elapsed {clock(view.elapsed_s)} · ETA {clock(view.eta_s)}"
+    if not view.windows:  # before the plan is known (queued, loading the models)
+        notes = "".join(f'<div class="it-notice">note: {html.escape(n)}</div>' for n in view.notices)
+        return (f'<div id="it-progress" data-state="{view.state}" data-windows-done="0" data-windows="0">'
+                f'<div class="it-progress-head">{html.escape(head)} <span class="it-times">{times}</span></div>'
+                f"{notes}</div>")
     window_done = view.windows_done + (view.step / view.steps if view.steps and view.state not in
                                        (FINISHED, FAILED, CANCELLED) else 0.0)
     parts = [f'<div id="it-progress" data-state="{view.state}" data-windows-done="{view.windows_done}" '

@@ -71,9 +71,10 @@ class Page:
             title = title_of(form)
             folder.write_record(spec, title, shown, len(prepared.plan))
         except InfiniteTalkError as err:
+            sentence = str(err) if folder is None else folder.upload_names(str(err))
             if folder is not None:
                 folder.remove()  # nothing half-made stays behind
-            yield Update(status=render.error_status(str(err)))
+            yield Update(status=render.error_status(sentence))
             return
         except Exception as err:  # noqa: BLE001 - never a traceback on the page
             if folder is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -129,7 +128,3 @@ class Downloader:
         thread.join(timeout)
         return not thread.is_alive()
 
-
-def poll_interval(started: float) -> float:
-    """Seconds between two looks at a running download (faster at first)."""
-    return 0.3 if time.monotonic() - started < 5 else 1.0
