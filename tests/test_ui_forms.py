@@ -149,3 +149,16 @@ def test_progress_html():
 
 def test_examples_used_by_the_page_exist():
     assert F.examples_dir() == REPO / "examples"
+
+
+def test_video_dubbing_form_and_its_first_frame(options, media_dir):
+    clip = media_dir / "talking_458px_25fps.mp4"
+    folder = new_job_folder(options.jobs_dir, clip.stem)
+    spec, shown = F.build_spec(F.Form(task=F.TASK_VIDEO, video=str(clip), image=str(PORTRAIT), audio1=str(SPEECH),
+                                      steps=1, max_seconds=1), folder, options)
+    assert spec.image is None and Path(spec.video).name == clip.name and shown["task"] == "video dubbing"
+    prepared = JobService().check(spec)
+    assert prepared.inputs.is_video and prepared.plan.total_frames == 25
+    frame = F.first_frame(str(clip), is_video=True)
+    assert frame is not None and frame.size[0] > 0
+    assert F.first_frame(str(SPEECH), is_video=True) is None  # unreadable as a video: no picture, no error
