@@ -162,3 +162,17 @@ def test_video_dubbing_form_and_its_first_frame(options, media_dir):
     frame = F.first_frame(str(clip), is_video=True)
     assert frame is not None and frame.size[0] > 0
     assert F.first_frame(str(SPEECH), is_video=True) is None  # unreadable as a video: no picture, no error
+
+
+def test_cli_ui_subcommand_parses_and_refuses_bad_options(capsys):
+    from infinitetalk.cli import build_parser, main
+
+    args = build_parser().parse_args(["ui", "--model", "tiny", "--port", "7999", "--no-browser", "--max-upload-mb",
+                                      "5", "--max-audio-seconds", "30"])
+    from infinitetalk.ui.options import options_from_args
+
+    opts = options_from_args(args)
+    assert (opts.model, opts.port, opts.open_browser, opts.max_upload_bytes, opts.max_audio_seconds) == \
+        ("tiny", 7999, False, 5 * 2**20, 30)
+    assert main(["ui", "--port", "70000", "--no-browser"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --port must be between 1 and 65535, got 70000."
