@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
     _add_component_options(info)
     info.set_defaults(func=cmd_info)
+    from .ui.options import add_ui_parser  # `infinitetalk ui`: the web page (gradio is imported only when it runs)
+
+    add_ui_parser(sub)
     return parser
 
 
