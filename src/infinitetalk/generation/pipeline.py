@@ -228,7 +228,8 @@ class InfiniteTalk:
         a random-weights forward, twice the error of fp8 linears alone).
         loras: (file, scale) LoRAs merged into the DiT at load (e.g. lightx2v for preset 'fast').
         vram_budget: GB of VRAM the job may use (a number), "auto" (the GPU's free memory at start
-        minus a margin; no offloading on the CPU) or None (every model resident on `device`).
+        minus a margin; no offloading on the CPU), None (every model resident on `device`) or an
+        `OffloadPlan` from `runtime.offload_plan.plan_offload` (for tools and tests).
         Under a budget the models are loaded on the host and `runtime.offload` streams DiT blocks
         and moves the other models onto the GPU only while they run (see `offload_plan`); a
         number on the CPU builds and applies the plan too. vram_size: the size bucket set (480 or
@@ -277,6 +278,10 @@ class InfiniteTalk:
         from ..runtime.offload import Offloader, host_ram_available, resolve_budget
         from ..runtime.offload_plan import OffloadModels, plan_offload
 
+        from ..runtime.offload_plan import OffloadPlan
+
+        if isinstance(vram_budget, OffloadPlan):  # a plan made (or adjusted) by the caller
+            return Offloader(vram_budget, device)
         budget = resolve_budget(vram_budget, device)
         if budget is None:
             return None
