@@ -120,7 +120,24 @@ def _add_generate(sub) -> None:
                        help="merge a LoRA into the DiT at load (repeatable; scale default 1); works with --fp8")
     model.add_argument("--no-fast", dest="fast", action="store_false", default=None,
                        help="use the reference kernels instead of the fast GPU path (for comparisons)")
+    model.add_argument("--vram", metavar="GB|auto", type=_vram_value, default="auto",
+                       help="VRAM the job may use: DiT blocks stream from host memory and the other models sit on "
+                            "the GPU only while they run (default auto: the GPU's free memory; see "
+                            "`infinitetalk info --vram GB` for the plan)")
     p.set_defaults(func=cmd_generate)
+
+
+def _vram_value(text: str):
+    """--vram: a positive number of GB or 'auto' (argparse prints the error, exit code 2)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the VRAM budget must be a number of GB or 'auto', not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the VRAM budget must be positive, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=cmd_download)
     info = sub.add_parser("info", help="versions, device, and where weights are found")
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
+    info.add_argument("--vram", metavar="GB", type=_vram_value, default=None,
+                      help="print the memory plan of a job under this VRAM budget (14B model)")
+    info.add_argument("--size", type=int, choices=(480, 720), default=480, help="size bucket set of that plan")
+    info.add_argument("--fp8", action="store_true", help="plan with the DiT block layers in fp8")
+    info.add_argument("--speakers", type=int, choices=(1, 2), default=1, help="speakers of that plan")
+    info.add_argument("--preset", default=None, help="a preset with text guidance 1 (fast, fusionx) plans two passes")
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -286,7 +309,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = InfiniteTalk.from_pretrained(
         args.weights, device=args.device, dtype=dtype, variant=variant, model=args.model,
         fast=args.fast, fp8=args.fp8, loras=loras, fp8_attention=args.fp8_attention,
+        vram_budget=args.vram, vram_size=cfg.size,
     )
+    if pipe.memory_plan() is not None:
+        say(pipe.memory_plan())
     plan = pipe.plan(inputs, cfg)
     h, w = inputs.target_hw
     say(f"{plan.total_frames} frames ({plan.duration_s:.2f} s) at {w}x{h}, {len(plan)} window(s) of "
@@ -296,7 +322,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path = pipe.generate(output, inputs=inputs, config=cfg, progress=progress, resume=args.resume)
     except torch.cuda.OutOfMemoryError as err:
         raise DeviceOutOfMemoryError(
-            f"The GPU ran out of memory ({err}). Use a smaller --size, fewer speakers, or a GPU with more memory; "
+            f"The GPU ran out of memory ({str(err).splitlines()[0]}). Give a smaller budget (--vram 8 streams the DiT "
+            "from host memory), --fp8, a smaller --size, or fewer speakers; "
             "the finished windows are kept: add --resume to continue."
         ) from err
     say(f"wrote {path}")
@@ -365,6 +392,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"device cuda:{i}: {prop.name}, {prop.total_memory / 2**30:.1f} GiB")
     else:
         print(f"device: cpu only ({torch.get_num_threads()} threads); no CUDA GPU found")
+    if args.vram is not None:
+        print(_vram_plan(args))
     roots = [default_weights_dir()] + ([Path(args.weights).expanduser()] if args.weights else [])
     for root in roots:
         for variant in VARIANTS:
@@ -380,6 +409,25 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"weights {variant:6s} in {root}: {len(missing)} file(s) missing, e.g. {missing[0]} "
                       f"(infinitetalk download --variant {variant} --dir {root})")
     return 0
+
+
+def _vram_plan(args: argparse.Namespace) -> str:
+    """`info --vram GB`: the plan of a 14B job (bf16 on a GPU) of --size, --fp8, --speakers."""
+    import torch
+
+    from .config import GenerationConfig
+    from .runtime.offload import host_ram_available, resolve_budget
+    from .runtime.offload_plan import OffloadModels, plan_offload
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    budget = resolve_budget(args.vram, device)
+    if budget is None:
+        raise InputError("--vram auto needs a CUDA GPU to read its free memory; give a number of GB.")
+    cfg = GenerationConfig.from_preset(args.preset) if args.preset else GenerationConfig()
+    models = OffloadModels.infinitetalk_14b(torch.bfloat16, args.fp8)
+    plan = plan_offload(models, budget, size=args.size, speakers=args.speakers, passes=2 if cfg.two_pass_guidance else 3,
+                        host_ram_bytes=host_ram_available())
+    return plan.describe()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,8 +294,8 @@ class OffloadPlan:
             f"VRAM plan for a budget of {gb(self.budget)} at {self.size}p (largest bucket {self.width}x{self.height}, "
             f"{self.tokens} tokens), {'fp8' if self.fp8 else 'no fp8'}, {self.speakers} speaker(s), {self.passes}-pass guidance:",
             f"  DiT: {self.resident_blocks}/{self.num_blocks} blocks resident, {self.streamed_blocks} streamed "
-            f"({gb(self.block_bytes)} each{', two slots' if self.streams else ''}) from "
-            f"{self.host_store if self.streams else 'nowhere'}; non-block parameters {gb(self.dit_fixed)} resident",
+            f"({gb(self.block_bytes)} each{', two slots' if self.streams else ''}) from {self.store_text()}; "
+            f"non-block parameters {gb(self.dit_fixed)} resident",
             f"  FFN chunks {self.ffn_chunks}; text/CLIP keys and values {'cached' if self.cache_conditions != 'none' else 'recomputed per step'}; "
             f"VAE decode {'tiled' if self.vae_tiling else 'whole frames'}",
             f"  umT5 {self.text_encoder_text()}; CLIP, wav2vec2, VAE "
@@ -305,6 +305,11 @@ class OffloadPlan:
             f"of host RAM ({gb(self.pinned_bytes)} pinned)",
         ]
         return "\n".join(lines)
+
+    def store_text(self) -> str:
+        streamed = gb_text(self.streamed_blocks * self.block_bytes)
+        return {"pinned": f"pinned host memory ({streamed})", "none": "nowhere",
+                "mmap": f"a memory-mapped file ({streamed} on disk; not enough host RAM to pin)"}[self.host_store]
 
     def text_encoder_text(self) -> str:
         return {"resident": "resident", "gpu": "on the GPU only while it runs", "cpu": "runs on the CPU"}[self.text_encoder]
@@ -318,6 +323,10 @@ class OffloadPlan:
         if self.size == 720:
             tips.append("--size 480")
         return ", or ".join(tips)
+
+
+def gb_text(n: int) -> str:
+    return f"{n / GiB:.2f} GB"
 
 
 def _fits(phases: dict, budget_left: int) -> bool:
