@@ -286,7 +286,8 @@ class InfiniteTalk:
         if budget is None:
             return None
         models = OffloadModels.tiny(dtype, fp8) if model == "tiny" else OffloadModels.infinitetalk_14b(dtype, fp8)
-        plan = plan_offload(models, budget, size=vram_size, host_ram_bytes=host_ram_available())
+        # two speakers and three passes: the most memory a job of that size can need
+        plan = plan_offload(models, budget, size=vram_size, speakers=2, passes=3, host_ram_bytes=host_ram_available())
         if not plan.offloads and device.type == "cuda":
             return None  # everything fits: load straight onto the GPU
         return Offloader(plan, device)
