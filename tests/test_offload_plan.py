@@ -190,3 +190,14 @@ def test_out_of_memory_sentence_names_a_budget(models):
     assert text.count(".") >= 1 and "--vram" in text and "--fp8" in text and "--size 480" in text
     plan = plan_offload(models[False], 24 * GiB, size=720)
     assert "--vram 18" in plan.smaller_options() and "--fp8" in plan.smaller_options()
+
+
+def test_info_prints_the_plan(capsys):
+    from infinitetalk.cli import main
+
+    assert main(["info", "--vram", "8", "--size", "480", "--fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "VRAM plan for a budget of 8.00 GB at 480p" in out and "blocks resident" in out and "host RAM" in out
+    assert main(["info", "--vram", "6", "--size", "720"]) == 2
+    err = capsys.readouterr().err
+    assert "error: A 720p job needs at least" in err and "--vram" in err and "Traceback" not in err

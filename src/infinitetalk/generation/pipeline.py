@@ -276,9 +276,7 @@ class InfiniteTalk:
     def _offload_plan(model: str, device: torch.device, dtype: torch.dtype, fp8: bool, vram_budget, vram_size: int):
         """The `runtime.offload.Offloader` for `vram_budget`, or None (every model resident on `device`)."""
         from ..runtime.offload import Offloader, host_ram_available, resolve_budget
-        from ..runtime.offload_plan import OffloadModels, plan_offload
-
-        from ..runtime.offload_plan import OffloadPlan
+        from ..runtime.offload_plan import OffloadModels, OffloadPlan, plan_offload
 
         if isinstance(vram_budget, OffloadPlan):  # a plan made (or adjusted) by the caller
             return Offloader(vram_budget, device)
