@@ -18,7 +18,9 @@ Per case: `peak_reserved_gb` (`max_memory_reserved`), times and their ratios to 
 of this process, the host RSS now and the process's peak RSS, pinned bytes, the plan in words,
 and the issue's targets checked (`targets`). The size is the plan's worst case: the largest
 bucket of the set (480: 1088x384, 720: 1920x512).
-Without CUDA (and without --tiny) it writes {"skipped": "no CUDA"} and exits 0.
+Without CUDA (and without --tiny) it writes {"skipped": "no CUDA"} and exits 0. Each budget
+re-packs the streamed blocks and runs a window: split the budgets over several calls
+(`--budgets 24,16` then `--budgets 12,8,6`) to stay under the device's per-command limit.
 """
 from __future__ import annotations
 

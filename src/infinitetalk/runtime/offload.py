@@ -17,8 +17,10 @@ Composed around the modules with forward pre-hooks, never by changing the model 
   `with placer.on_device():`, keeping its host copy (pinned on CUDA) so nothing is reallocated.
 * `Offloader` applies an `OffloadPlan` (see `runtime.offload_plan`) to the pipeline's models.
 
-Whatever the tensors are (bf16, fp8 `Fp8Linear` weights with their scales, GGUF-quantised
-layers, LoRA-merged weights) they are streamed as the bytes they are.
+What streams is every registered parameter and buffer of a block, as the bytes it is (bf16,
+fp8 `Fp8Linear` weights with their float32 scales, LoRA-merged weights, and any quantised layer
+that keeps its data in registered parameters or buffers); tensors held as plain attributes are
+not seen and would stay where they are.
 """
 from __future__ import annotations
 
