@@ -147,7 +147,7 @@ case "$what" in
   offload)  # bash benchmarks/run_device.sh offload SIZE DTYPE [BUDGETS]: one process per size/dtype (H200)
     size=${2:-480}; dt=${3:-bf16}; budgets=${4:-24,16,12,8,6}
     python3 benchmarks/bench_offload.py --size "$size" --dtype "$dt" --budgets "$budgets" \
-      --out "$OUT/offload_${size}_${dt}.json" 2>&1 | tee "$OUT/bench_offload_${size}_${dt}.log"
+      --out "$OUT/offload_${size}_${dt}_${budgets//,/-}.json" 2>&1 | tee "$OUT/bench_offload_${size}_${dt}_${budgets//,/-}.log"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
