@@ -129,6 +129,10 @@ def _add_generate(sub) -> None:
     model.add_argument("--no-fast", dest="fast", action="store_false", default=None,
                        help="use the reference kernels instead of the fast GPU path (for comparisons)")
     _add_component_options(model)
+    model.add_argument("--vram", metavar="GB|auto", type=_vram_value, default="auto",
+                       help="VRAM the job may use: DiT blocks stream from host memory and the other models sit on "
+                            "the GPU only while they run (default auto: the GPU's free memory; see "
+                            "`infinitetalk info --vram GB` for the plan)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -153,6 +157,19 @@ def _component_files(args: argparse.Namespace, variant: str, say=lambda *a: None
     for note in files.notes:
         say(f"note: {note}")
     return files
+
+
+def _vram_value(text: str):
+    """--vram: a positive number of GB or 'auto' (argparse prints the error, exit code 2)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the VRAM budget must be a number of GB or 'auto', not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the VRAM budget must be positive, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, device, and where weights are found")
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
     _add_component_options(info)
+    info.add_argument("--vram", metavar="GB", type=_vram_value, default=None,
+                      help="print the memory plan of a job under this VRAM budget (14B model)")
+    info.add_argument("--size", type=int, choices=(480, 720), default=480, help="size bucket set of that plan")
+    info.add_argument("--fp8", action="store_true", help="plan with the DiT block layers in fp8")
+    info.add_argument("--speakers", type=int, choices=(1, 2), default=1, help="speakers of that plan")
+    info.add_argument("--preset", default=None, help="a preset with text guidance 1 (fast, fusionx) plans two passes")
     info.set_defaults(func=cmd_info)
     from .ui.options import add_ui_parser  # `infinitetalk ui`: the web page (gradio is imported only when it runs)
 
@@ -256,6 +279,7 @@ def job_spec(args: argparse.Namespace):
         fp8_attention=args.fp8_attention, loras=tuple(_loras(args)),
         files=tuple((field, getattr(args, f"file_{field}")) for field in COMPONENT_OPTIONS.values()
                     if getattr(args, f"file_{field}", None)),
+        vram=args.vram,
     )
     return JobSpec(
         output=args.output, audio=args.audio, image=args.image, video=args.video, audio2=args.audio2,
@@ -346,6 +370,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     files = _component_files(args, "single")
     print(f"components for {files.root} ({'complete' if not files.missing() else 'incomplete'}):")
     print("\n".join(describe(files)))
+    if args.vram is not None:
+        print(_vram_plan(args))
     roots = [default_weights_dir()] + ([Path(args.weights).expanduser()] if args.weights else [])
     for root in roots:
         for variant in VARIANTS:
@@ -361,6 +387,25 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"weights {variant:6s} in {root}: {len(missing)} file(s) missing, e.g. {missing[0]} "
                       f"(infinitetalk download --variant {variant} --dir {root})")
     return 0
+
+
+def _vram_plan(args: argparse.Namespace) -> str:
+    """`info --vram GB`: the plan of a 14B job (bf16 on a GPU) of --size, --fp8, --speakers."""
+    import torch
+
+    from .config import GenerationConfig
+    from .runtime.offload import host_ram_available, resolve_budget
+    from .runtime.offload_plan import OffloadModels, plan_offload
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    budget = resolve_budget(args.vram, device)
+    if budget is None:
+        raise InputError("--vram auto needs a CUDA GPU to read its free memory; give a number of GB.")
+    cfg = GenerationConfig.from_preset(args.preset) if args.preset else GenerationConfig()
+    models = OffloadModels.infinitetalk_14b(torch.bfloat16, args.fp8)
+    plan = plan_offload(models, budget, size=args.size, speakers=args.speakers, passes=2 if cfg.two_pass_guidance else 3,
+                        host_ram_bytes=host_ram_available())
+    return plan.describe()
 
 
 def main(argv: list[str] | None = None) -> int:

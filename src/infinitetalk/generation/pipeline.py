@@ -23,6 +23,7 @@ Host memory holds one window of frames at a time, so it does not grow with the v
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -162,6 +163,13 @@ class Components:
     vae_fast: Optional[object] = None  # models.vae.VAEFastOptions on the fast GPU path
     dit_fast: Optional[object] = None  # runtime.fast.FastOptions applied to the DiT (None: reference path)
     runtime: dict = dataclasses.field(default_factory=dict)  # speed/weight options that change results
+    offload: Optional[object] = None  # runtime.offload.Offloader under a VRAM budget (None: all on the device)
+
+    def placed(self, module):
+        """Context: `module` on the GPU while the code inside runs (a no-op without offloading or module)."""
+        if self.offload is None or module is None:
+            return contextlib.nullcontext(module)
+        return self.offload.placed(module)
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,8 @@ class InfiniteTalk:
         loras: Sequence[tuple[PathLike, float]] = (),
         fp8_attention: bool = False,
         files: Optional["ComponentFiles"] = None,
+        vram_budget: Union[float, str, None] = "auto",
+        vram_size: int = 720,
     ) -> "InfiniteTalk":
         """Load every model.
 
@@ -274,6 +284,13 @@ class InfiniteTalk:
         loras: (file, scale) LoRAs merged into the DiT at load (e.g. lightx2v for preset 'fast').
         files: the file of each component (`weights.locate.locate_components`: a ComfyUI models/
         folder, single-file overrides); None = found in `path_or_repo` (official or ComfyUI layout).
+        vram_budget: GB of VRAM the job may use (a number), "auto" (the GPU's free memory at start
+        minus a margin; no offloading on the CPU), None (every model resident on `device`) or an
+        `OffloadPlan` from `runtime.offload_plan.plan_offload` (for tools and tests).
+        Under a budget the models are loaded on the host and `runtime.offload` streams DiT blocks
+        and moves the other models onto the GPU only while they run (see `offload_plan`); a
+        number on the CPU builds and applies the plan too. vram_size: the size bucket set (480 or
+        720) the plan must fit (its largest bucket; default 720 fits every job).
         """
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype if dtype is not None else default_dtype(dev)
@@ -285,22 +302,55 @@ class InfiniteTalk:
             raise InputError("The device 'cuda' was asked for but no CUDA GPU is available; use --device cpu.")
         use_fast = (dev.type == "cuda") if fast is None else bool(fast)
         loras = [(Path(p).expanduser(), float(scale)) for p, scale in loras]
+        offload = cls._offload_plan(model, dev, dt, fp8, vram_budget, vram_size)
+        place = torch.device("cpu") if offload is not None else dev
         if model == "tiny":
             if loras:
                 raise InputError("LoRAs change the official 14B weights; the tiny random model takes none.")
-            components = cls._tiny_components(seed, dev, dt, variant, fp8)
+            components = cls._tiny_components(seed, place, dt, variant, fp8)
         else:
-            components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, files)
+            components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, files,
+                                                  place)
         components.runtime = runtime_settings(fp8, loras, fp8_attention, fast=use_fast)
+        if offload is not None:
+            offload.prepare_dit(components.dit)
         if use_fast:
             from ..runtime.fast import FastOptions, make_fast
 
             options = FastOptions(compile_blocks=dev.type == "cuda", fp8_fast_accum=fp8, fp8_attention=fp8_attention)
+            if offload is not None:
+                options = options.replace(ffn_chunks=offload.plan.ffn_chunks)
             make_fast(components.dit, options)
             components.dit_fast = options
         elif fp8_attention:
             log.warning("fp8 attention is part of the fast path; with fast=False the self-attention stays in %s.", dt)
+        if offload is not None:
+            components.dit.ffn_chunks = offload.plan.ffn_chunks
+            offload.attach(components)
+            components.offload = offload
         return cls(components, dev, dt)
+
+    @staticmethod
+    def _offload_plan(model: str, device: torch.device, dtype: torch.dtype, fp8: bool, vram_budget, vram_size: int):
+        """The `runtime.offload.Offloader` for `vram_budget`, or None (every model resident on `device`)."""
+        from ..runtime.offload import Offloader, host_ram_available, resolve_budget
+        from ..runtime.offload_plan import OffloadModels, OffloadPlan, plan_offload
+
+        if isinstance(vram_budget, OffloadPlan):  # a plan made (or adjusted) by the caller
+            return Offloader(vram_budget, device)
+        budget = resolve_budget(vram_budget, device)
+        if budget is None:
+            return None
+        models = OffloadModels.tiny(dtype, fp8) if model == "tiny" else OffloadModels.infinitetalk_14b(dtype, fp8)
+        # two speakers and three passes: the most memory a job of that size can need
+        plan = plan_offload(models, budget, size=vram_size, speakers=2, passes=3, host_ram_bytes=host_ram_available())
+        if not plan.offloads and device.type == "cuda":
+            return None  # everything fits: load straight onto the GPU
+        return Offloader(plan, device)
+
+    def memory_plan(self) -> Optional[str]:
+        """The VRAM plan in words (what is resident, what streams, VRAM and host RAM), or None without one."""
+        return self.components.offload.plan.describe() if self.components.offload is not None else None
 
     @staticmethod
     def _tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant: str, fp8: bool = False) -> Components:
@@ -327,6 +377,7 @@ class InfiniteTalk:
         loras: Sequence[tuple[Path, float]] = (),
         fast: bool = False,
         files: Optional["ComponentFiles"] = None,
+        place: Optional[torch.device] = None,
     ) -> Components:
         from ..weights.audio_loader import load_audio_encoder
         from ..weights.clip_loader import load_clip_vision
@@ -336,6 +387,7 @@ class InfiniteTalk:
         from ..weights.vae_loader import load_vae
 
         layout = (files or locate_components(root, variant)).require().fetch_extras()
+        place = device if place is None else place  # the host when offloading (runtime.offload moves them)
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official clip dtype
         log.info("loading the models from %s onto %s (%s)", layout.root, device, dtype)
         missing = [str(p) for p, _ in loras if not p.is_file()]
@@ -343,17 +395,17 @@ class InfiniteTalk:
             from ..errors import MissingWeightsError
 
             raise MissingWeightsError(f"LoRA file not found: {', '.join(missing)}.", missing=missing)
-        dit = load_dit(layout.dit, layout.adapter, device=device, dtype=dtype, loras=loras, fp8=fp8).eval()
-        text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=device, dtype=dtype)
-        clip = load_clip_vision(layout.clip, device=device, dtype=clip_dtype).eval()
+        dit = load_dit(layout.dit, layout.adapter, device=place, dtype=dtype, loras=loras, fp8=fp8).eval()
+        text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=place, dtype=dtype)
+        clip = load_clip_vision(layout.clip, device=place, dtype=clip_dtype).eval()
         vae_fast = None
         if fast and device.type == "cuda":
             from ..models.vae import VAEFastOptions
 
             vae_fast = VAEFastOptions()  # bf16: H100 81x640x640 decode 1.17 s vs 2.98 s in fp32
         vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
-        vae = load_vae(layout.vae, device=device, dtype=vae_dtype).eval()
-        audio = load_audio_encoder(layout.wav2vec2, device=device, dtype=torch.float32, config_dir=layout.audio_config).eval()
+        vae = load_vae(layout.vae, device=place, dtype=vae_dtype).eval()
+        audio = load_audio_encoder(layout.wav2vec2, device=place, dtype=torch.float32, config_dir=layout.audio_config).eval()
         return Components(
             dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False,
             vae_chunk_latents=None if vae_fast is not None else 1, vae_fast=vae_fast,
@@ -510,11 +562,13 @@ class InfiniteTalk:
             if inputs.request.features is not None:
                 features = [f.to(self.dtype) for f in inputs.request.features]
             else:
-                features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
+                with c.placed(c.audio_encoder):
+                    features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
         with tracker.stage("encode_prompt", "encoding the prompt (umT5)"):
             negative = inputs.request.negative_prompt
             negative = cfg.negative_prompt if negative is None else negative
-            context, context_null = c.text_encoder.encode([inputs.request.prompt, negative])
+            with c.placed(getattr(c.text_encoder, "model", None)):
+                context, context_null = c.text_encoder.encode([inputs.request.prompt, negative])
         return features, context.to(self.device), context_null.to(self.device)
 
     def _audio_for(self, features: Sequence[torch.Tensor], window: Window, frame_num: int) -> torch.Tensor:
@@ -538,6 +592,8 @@ class InfiniteTalk:
         start = state.next_window if state is not None else 0
         if start >= len(plan):
             return
+        if c.offload is not None:
+            log.info("%s", c.offload.plan.describe())
         features, context, context_null = self._encode_job(inputs, cfg, tracker)
         generator = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
         motion_frames = None
@@ -560,26 +616,33 @@ class InfiniteTalk:
                 else:
                     cond = reference
                 if cached_cond is None or not torch.equal(cached_cond, cond):
-                    clip_fea = c.clip(cond[None].to(self.device)).to(self.dtype)
-                    y = image_condition(c.vae, cond, cfg.frame_num, c.vae_chunk_latents, c.vae_fast).to(self.device)
+                    with c.placed(c.clip):
+                        clip_fea = c.clip(cond[None].to(self.device)).to(self.dtype)
+                    with c.placed(c.vae):
+                        y = image_condition(c.vae, cond, cfg.frame_num, c.vae_chunk_latents, c.vae_fast).to(self.device)
                     cached_cond = cond
                 source = cond if window.is_first else motion_frames
-                motion = motion_latent(c.vae, source, c.vae_chunk_latents, c.vae_fast).to(self.device)
+                with c.placed(c.vae):
+                    motion = motion_latent(c.vae, source, c.vae_chunk_latents, c.vae_fast).to(self.device)
                 audio = self._audio_for(features, window, cfg.frame_num)
                 noise = draw_window_noise((16, latent_frames, lat_h, lat_w), generator, self.device)
                 # text/CLIP keys and values are computed once per window, not per step
                 denoiser = GuidedDiT(
                     c.dit, branches, context=context, context_null=context_null, clip_fea=clip_fea, y=y,
                     audio=audio, ref_target_masks=masks if audio.shape[0] == 2 else None,
-                    cache_conditions=c.dit_fast.cache_conditions if c.dit_fast is not None else "context",
+                    cache_conditions=self._cache_conditions(),
                 )
                 modulation = c.dit.time_modulation if cfg.use_teacache else None
                 latent = sample_window(
                     denoiser.predict_branch, noise, motion, window.motion_latent_frames, cfg, generator, tracker,
                     first_window=window.is_first, timestep_modulation=modulation,
                 )
-                video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents, fast=c.vae_fast)[0].float().cpu()
-                del latent, noise, denoiser
+                del denoiser  # its cached keys and values are not needed by the decode
+                tiling = c.offload.plan.decode_tiling() if c.offload is not None else None
+                with c.placed(c.vae):
+                    video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents, fast=c.vae_fast,
+                                         tiling=tiling)[0].float().cpu()
+                del latent, noise
                 if cfg.color_correction_strength > 0:
                     video = match_and_blend_colors(video, reference, cfg.color_correction_strength)
                 motion_frames = video[:, -cfg.motion_frame :].clone()
@@ -587,9 +650,31 @@ class InfiniteTalk:
                 kept = video[:, window.keep].clone() if float_video else None
                 del video
                 yield _WindowResult(window, frames, motion_frames, generator.get_state(), kept)
+        except torch.cuda.OutOfMemoryError as err:
+            raise self._out_of_memory(err) from err
         finally:
             if reader is not None:
                 reader.close()
+
+    def _cache_conditions(self) -> str:
+        c = self.components
+        if c.offload is not None and c.offload.plan.cache_conditions == "none":
+            return "none"
+        return c.dit_fast.cache_conditions if c.dit_fast is not None else "context"
+
+    def _out_of_memory(self, err: Exception):
+        from ..errors import DeviceOutOfMemoryError
+
+        plan = self.components.offload.plan if self.components.offload is not None else None
+        if plan is None:
+            return DeviceOutOfMemoryError(
+                f"The GPU ran out of memory ({str(err).splitlines()[0]}); give a VRAM budget such as --vram 16 "
+                "(vram_budget=16) so models stream from host memory; finished windows are kept for --resume."
+            )
+        return DeviceOutOfMemoryError(
+            f"The GPU ran out of memory under the {plan.budget / 2**30:.1f} GB plan ({str(err).splitlines()[0]}); "
+            f"try {plan.smaller_options()}; finished windows are kept for --resume."
+        )
 
 
 def _bucket_hw(value) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -52,6 +52,8 @@ class ModelSettings:
     fp8_attention: bool
     loras: tuple[tuple[str, float], ...]
     files: tuple[tuple[str, str], ...] = ()
+    vram: Union[float, str, None] = "auto"
+    vram_size: int = 720  # the size bucket set the memory plan must fit
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -159,7 +161,19 @@ def _speech_fields(spec: JobSpec, fields: dict) -> dict:
     return {"audio2": None, **{k: v for k, v in out.items() if k not in ("image", "video")}}
 
 
-def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
+def _vram(value) -> Union[float, str, None]:
+    if value is None or value == "auto":
+        return value
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"The VRAM budget must be a number of GB or 'auto', got {value!r}.") from None
+    if not (math.isfinite(gb) and gb > 0):
+        raise InputError(f"The VRAM budget must be a positive number of GB, got {value!r}.")
+    return gb
+
+
+def resolve_model(spec: JobSpec, speakers: int, size: int = 720) -> ModelSettings:
     from ..generation.pipeline import MODEL_NAMES, default_dtype
 
     rt = spec.runtime
@@ -200,7 +214,7 @@ def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
     if files and rt.model == "tiny":
         raise InputError("The tiny random model loads no files; drop the component file options or use the 14B model.")
     return ModelSettings(rt.model, weights, variant, str(device), dtype_name, fast, bool(rt.fp8),
-                         bool(rt.fp8_attention), tuple(loras), tuple(sorted(files)))
+                         bool(rt.fp8_attention), tuple(loras), tuple(sorted(files)), _vram(rt.vram), int(size))
 
 
 def component_files(settings: ModelSettings):
@@ -252,7 +266,7 @@ class JobService:
         request = build_request(spec)
         cfg = resolve_config(spec)
         inputs = prepare_inputs(request, cfg)
-        model = resolve_model(spec, request.speakers)
+        model = resolve_model(spec, request.speakers, cfg.size)
         if model.model != "tiny":
             component_files(model).require()  # missing weights: the list and the download command, now
         key = resume_key(inputs, cfg, model)
@@ -270,7 +284,7 @@ class JobService:
         return InfiniteTalk.from_pretrained(
             settings.weights, device=settings.device, dtype=settings.torch_dtype, variant=settings.variant,
             model=settings.model, fast=settings.fast, fp8=settings.fp8, loras=settings.loras,
-            fp8_attention=settings.fp8_attention, files=files,
+            fp8_attention=settings.fp8_attention, files=files, vram_budget=settings.vram, vram_size=settings.vram_size,
         )
 
     def pipeline(self, settings: ModelSettings, tracker: Optional[ProgressTracker] = None):
@@ -312,7 +326,10 @@ class JobService:
                     for note in component_files(job.model).notes:
                         tracker.notice(note)
                 tracker.check_cancel()
+                fresh = job.model not in self._pipes
                 pipe = self.pipeline(job.model, tracker)
+                if fresh and getattr(pipe, "memory_plan", None) and pipe.memory_plan():
+                    tracker.notice(pipe.memory_plan())
                 tracker.check_cancel()
                 try:
                     path = pipe.generate(job.output, inputs=job.inputs, config=job.config, progress=tracker,
