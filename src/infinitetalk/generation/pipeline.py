@@ -40,7 +40,7 @@ from ..media.frames import VideoFrameReader, prepare_frame
 from ..media.segments import concat_segments, write_segment
 from ..media.writer import to_uint8_frames
 from ..progress import ProgressCallback, ProgressTracker
-from .audio_windows import audio_window, extend_by_reflection
+from .audio_windows import audio_for_window
 from .color import match_and_blend_colors
 from ..runtime.fast import GuidedDiT
 from .conditioning import image_condition, motion_latent
@@ -414,10 +414,7 @@ class InfiniteTalk:
         return features, context.to(self.device), context_null.to(self.device)
 
     def _audio_for(self, features: Sequence[torch.Tensor], window: Window, frame_num: int) -> torch.Tensor:
-        embs = list(features)
-        if window.is_last:  # official: the features are extended just before the last window
-            embs = [extend_by_reflection(e, window.end)[0] for e in embs]
-        return audio_window(embs, window.start, frame_num).to(self.device)
+        return audio_for_window(features, window).to(self.device)
 
     @torch.no_grad()
     def _run(
