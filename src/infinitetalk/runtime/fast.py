@@ -42,7 +42,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import InternalError
 from ..models.attention import (
     PreferredSdpa,
     RopeCache,
@@ -247,7 +247,7 @@ class GuidedDiT:
         batch_guidance: bool = False,
     ):
         if audio.dim() != 5:
-            raise InputError(f"audio must be [speakers, frames, window, layers, channels]; got {tuple(audio.shape)}.")
+            raise InternalError(f"audio must be [speakers, frames, window, layers, channels]; got {tuple(audio.shape)}.")
         self.model = model
         self.branches = tuple(branches)
         self.y = y
@@ -282,12 +282,12 @@ class GuidedDiT:
                 continue
             if len(group) > 1:
                 if block_cache is not None:
-                    raise InputError("TeaCache skips branches one at a time; turn off batched guidance to use it.")
+                    raise InternalError("TeaCache skips branches one at a time; turn off batched guidance to use it.")
                 return self.predict(latent, t)[branch]
             out = self.model(latent.unsqueeze(0), t, y=self.y.unsqueeze(0), ref_target_masks=self.ref_target_masks,
                              block_cache=block_cache, **inputs)
             return out[0]
-        raise InputError(f"Guidance branch {branch!r} was not prepared for this window.")
+        raise InternalError(f"Guidance branch {branch!r} was not prepared for this window.")
 
     def conditions_nbytes(self) -> int:
         """Device memory held by the precomputed keys and values (0 without caching; shared ones once)."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import InputError
+from ...errors import InternalError
 from ..attention import (
     AttentionFn,
     PreferredSdpa,
@@ -135,13 +135,13 @@ class InfiniteTalkDiT(nn.Module):
         cfg = self.config
         items = list(context.unbind(0)) if isinstance(context, torch.Tensor) else list(context)
         if len(items) != batch:
-            raise InputError(f"context holds {len(items)} prompt embeddings but the batch has {batch} samples.")
+            raise InternalError(f"context holds {len(items)} prompt embeddings but the batch has {batch} samples.")
         padded = []
         for u in items:
             if u.dim() != 2 or u.shape[1] != cfg.text_dim:
-                raise InputError(f"Each prompt embedding must be [length, {cfg.text_dim}]; got {tuple(u.shape)}.")
+                raise InternalError(f"Each prompt embedding must be [length, {cfg.text_dim}]; got {tuple(u.shape)}.")
             if u.shape[0] > cfg.text_len:
-                raise InputError(
+                raise InternalError(
                     f"A prompt embedding has {u.shape[0]} tokens but the model takes at most {cfg.text_len}."
                 )
             u = u.to(device=self.device, dtype=self.dtype)
@@ -154,13 +154,13 @@ class InfiniteTalkDiT(nn.Module):
         want = (cfg.audio_window, cfg.audio_layers, cfg.audio_channels)
         video_frames = 1 + cfg.vae_scale * (frames - 1)
         if audio.dim() != 6 or tuple(audio.shape[3:]) != want or audio.shape[2] != video_frames or audio.shape[0] != batch:
-            raise InputError(
+            raise InternalError(
                 f"audio must be [{batch}, speakers, {video_frames}, {want[0]}, {want[1]}, {want[2]}] for "
                 f"{frames} latent frames; got {tuple(audio.shape)}."
             )
         speakers = audio.shape[1]
         if speakers not in (1, 2):
-            raise InputError(f"InfiniteTalk takes one or two speakers; audio has {speakers}.")
+            raise InternalError(f"InfiniteTalk takes one or two speakers; audio has {speakers}.")
         audio = audio.to(device=self.device, dtype=self.dtype).flatten(0, 1)
         first, later = select_audio_windows(audio, cfg.audio_window, cfg.vae_scale)
         tokens = self.audio_proj(first, later)  # [B*N, T, ctx, width]
@@ -172,7 +172,7 @@ class InfiniteTalkDiT(nn.Module):
         if masks.dim() == 3:
             masks = masks.unsqueeze(0)
         if masks.dim() != 4 or masks.shape[0] not in (1, batch):
-            raise InputError(f"ref_target_masks must be [3, H, W] or [{batch}, 3, H, W]; got {tuple(masks.shape)}.")
+            raise InternalError(f"ref_target_masks must be [3, H, W] or [{batch}, 3, H, W]; got {tuple(masks.shape)}.")
         small = F.interpolate(masks.to(device=self.device, dtype=torch.float32), size=(rows, cols), mode="nearest")
         return (small > 0).flatten(2).to(self.dtype)
 
@@ -180,7 +180,7 @@ class InfiniteTalkDiT(nn.Module):
         """CLIP image tokens then text tokens, embedded: [B, 257 + text_len, dim]."""
         cfg = self.config
         if clip_fea.dim() != 3 or clip_fea.shape[1:] != (CLIP_TOKENS, cfg.clip_dim) or clip_fea.shape[0] not in (1, batch):
-            raise InputError(f"clip_fea must be [{batch}, {CLIP_TOKENS}, {cfg.clip_dim}]; got {tuple(clip_fea.shape)}.")
+            raise InternalError(f"clip_fea must be [{batch}, {CLIP_TOKENS}, {cfg.clip_dim}]; got {tuple(clip_fea.shape)}.")
         img = self.img_emb(clip_fea.to(device=self.device, dtype=self.dtype)).expand(batch, -1, -1)
         return torch.cat([img, self._text_context(context, batch)], dim=1).to(self.dtype)
 
@@ -210,12 +210,12 @@ class InfiniteTalkDiT(nn.Module):
         """
         batch = self._batch_of(context)
         if audio.dim() < 3:
-            raise InputError(f"audio must be [B, speakers, frames, ...]; got {tuple(audio.shape)}.")
+            raise InternalError(f"audio must be [B, speakers, frames, ...]; got {tuple(audio.shape)}.")
         frames = (audio.shape[2] - 1) // self.config.vae_scale + 1
         with self._kernel_context():
             if reuse_context_kv is not None:
                 if reuse_context_kv.batch != batch:
-                    raise InputError(f"reuse_context_kv holds {reuse_context_kv.batch} samples, not {batch}.")
+                    raise InternalError(f"reuse_context_kv holds {reuse_context_kv.batch} samples, not {batch}.")
                 context_kv = reuse_context_kv.context_kv
             else:
                 context_tokens = self._context_tokens(context, clip_fea, batch)
@@ -269,15 +269,15 @@ class InfiniteTalkDiT(nn.Module):
     def _forward(self, x, t, context, clip_fea, y, audio, ref_target_masks, conditions, block_cache=None) -> torch.Tensor:
         cfg = self.config
         if y is None:
-            raise InputError("y (mask + image-latent conditioning) is required.")
+            raise InternalError("y (mask + image-latent conditioning) is required.")
         if x.dim() != 5 or y.dim() != 5 or x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
-            raise InputError(f"x and y must be [B, C, T, H, W] with equal B, T, H, W; got {tuple(x.shape)} and {tuple(y.shape)}.")
+            raise InternalError(f"x and y must be [B, C, T, H, W] with equal B, T, H, W; got {tuple(x.shape)} and {tuple(y.shape)}.")
         if x.shape[1] + y.shape[1] != cfg.in_dim:
-            raise InputError(f"x and y together must have {cfg.in_dim} channels; got {x.shape[1]} + {y.shape[1]}.")
+            raise InternalError(f"x and y together must have {cfg.in_dim} channels; got {x.shape[1]} + {y.shape[1]}.")
         batch, _, frames, height, width = x.shape
         pt, ph, pw = cfg.patch_size
         if frames % pt or height % ph or width % pw:
-            raise InputError(f"Latent size {frames}x{height}x{width} is not divisible by the patch size {cfg.patch_size}.")
+            raise InternalError(f"Latent size {frames}x{height}x{width} is not divisible by the patch size {cfg.patch_size}.")
         grid = (frames // pt, height // ph, width // pw)
 
         # embeddings
@@ -289,17 +289,17 @@ class InfiniteTalkDiT(nn.Module):
 
         t = torch.as_tensor(t, device=self.device).reshape(-1)
         if t.numel() not in (1, batch):
-            raise InputError(f"t must hold 1 or {batch} timesteps; got {t.numel()}.")
+            raise InternalError(f"t must hold 1 or {batch} timesteps; got {t.numel()}.")
         e, e0 = self._time_embedding(t)
 
         if conditions is None:
             if context is None or clip_fea is None or audio is None:
-                raise InputError("forward needs context, clip_fea and audio, or precomputed conditions.")
+                raise InternalError("forward needs context, clip_fea and audio, or precomputed conditions.")
             context_tokens = self._context_tokens(context, clip_fea, batch)
             audio_tokens, speakers = self._audio_tokens(audio, batch, grid[0])
         else:
             if conditions.batch != batch or conditions.frames != grid[0]:
-                raise InputError(
+                raise InternalError(
                     f"The precomputed conditions are for {conditions.batch} samples of {conditions.frames} latent "
                     f"frames; x has {batch} samples of {grid[0]}."
                 )
@@ -309,13 +309,13 @@ class InfiniteTalkDiT(nn.Module):
         ref_masks = None
         if speakers == 2:
             if ref_target_masks is None:
-                raise InputError("Two speakers need ref_target_masks [3, H, W] (person 1, person 2, background).")
+                raise InternalError("Two speakers need ref_target_masks [3, H, W] (person 1, person 2, background).")
             ref_masks = self._token_masks(ref_target_masks, batch, grid[1], grid[2])
 
         if block_cache is not None and block_cache.reuse:
             residual = block_cache.residual
             if residual is None or residual.shape != tokens.shape:
-                raise InputError("TeaCache asked to reuse a residual that was never computed for this input shape.")
+                raise InternalError("TeaCache asked to reuse a residual that was never computed for this input shape.")
             out = self.head(tokens + residual, e)
             return self.unpatchify(out, grid)
 

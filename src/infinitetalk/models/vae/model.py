@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ...errors import InputError
+from ...errors import InternalError
 from .blocks import AttentionBlock, CausalCache, CausalConv3d, FusedNormAct, OutputHead, Resample, ResidualBlock, norm_act_inplace
 from .config import DecodeTiling, VAEFastOptions, WanVAEConfig
 
@@ -158,7 +158,7 @@ class WanVAE(nn.Module):
         official code.
         """
         if video.dim() != 5 or video.shape[1] != 3 or video.shape[2] < 1:
-            raise InputError(f"The VAE encodes videos shaped [batch, 3, frames, height, width]; got {tuple(video.shape)}.")
+            raise InternalError(f"The VAE encodes videos shaped [batch, 3, frames, height, width]; got {tuple(video.shape)}.")
         chunk_latents = self._chunk_latents(chunk_latents, fast)
         param = self._param()
         frames = self._frames_used(video.shape[2])
@@ -229,7 +229,7 @@ class WanVAE(nn.Module):
         """
         z = self.config.z_dim
         if latent.dim() != 5 or latent.shape[1] != z or latent.shape[2] < 1:
-            raise InputError(f"The VAE decodes latents shaped [batch, {z}, frames, height, width]; got {tuple(latent.shape)}.")
+            raise InternalError(f"The VAE decodes latents shaped [batch, {z}, frames, height, width]; got {tuple(latent.shape)}.")
         chunk_latents = self._chunk_latents(chunk_latents, fast)
         param = self._param()
         mean, inv_std = self.latent_stats(param.device)
