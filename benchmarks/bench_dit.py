@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_monitor import GpuMonitor  # noqa: E402
 from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig  # noqa: E402
-from infinitetalk.runtime.fast import FastOptions, GuidedDiT, make_fast  # noqa: E402
+from infinitetalk.generation.guided_dit import GuidedDiT  # noqa: E402
+from infinitetalk.runtime.fast import FastOptions, make_fast  # noqa: E402
 
 SIZES = {"480": (640, 640), "720": (960, 960)}
 VIDEO_FRAMES = 81

@@ -21,7 +21,8 @@ from infinitetalk.models.attention import (
     rope_table_3d_f32,
     sdpa_attention_map,
 )
-from infinitetalk.runtime.fast import FastOptions, GuidedDiT, branch_groups, make_fast
+from infinitetalk.generation.guided_dit import GuidedDiT, branch_groups
+from infinitetalk.runtime.fast import FastOptions, make_fast
 from infinitetalk.weights.dit_loader import load_dit
 
 ALL_BRANCHES = ("cond", "drop_text", "drop_audio", "uncond")

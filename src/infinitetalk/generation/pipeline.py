@@ -42,7 +42,7 @@ from ..media.writer import to_uint8_frames
 from ..progress import ProgressCallback, ProgressTracker
 from .audio_windows import audio_for_window
 from .color import match_and_blend_colors
-from ..runtime.fast import GuidedDiT
+from .guided_dit import GuidedDiT
 from .conditioning import image_condition, motion_latent
 from .guidance import Guidance
 from .inputs import GenerationRequest, PreparedInputs, input_checksums, prepare_inputs, prompt_hash_material
