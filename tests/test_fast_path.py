@@ -22,6 +22,7 @@ from infinitetalk.models.attention import (
     sdpa_attention_map,
 )
 from infinitetalk.generation.guided_dit import GuidedDiT, branch_groups
+from infinitetalk.quant.fp8 import quantize_dit
 from infinitetalk.runtime.fast import FastOptions, make_fast
 from infinitetalk.weights.dit_loader import load_dit
 
@@ -250,7 +251,10 @@ def test_gpu_fast_path_against_float32(parity_dir, fp8):
     3 mantissa bits)."""
     torch._dynamo.reset()
     # fp8 runs eagerly here (one compile is enough device time for the test; the benchmark compiles fp8)
-    model = make_fast(_load(parity_dir, "cuda", torch.bfloat16), FastOptions(fp8=fp8, compile_blocks=not fp8))
+    model = _load(parity_dir, "cuda", torch.bfloat16)
+    if fp8:
+        quantize_dit(model)
+    model = make_fast(model, FastOptions(compile_blocks=not fp8))
     for name, tensors in _cases(parity_dir):
         with torch.inference_mode():
             preds = _guided(model, tensors, "cuda", batch_guidance=True).predict(tensors["x"].cuda(), tensors["t"].cuda())

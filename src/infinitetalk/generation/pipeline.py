@@ -254,9 +254,9 @@ class InfiniteTalk:
         log.info("model 'tiny': every component has RANDOM weights; the video shows noise, not a face")
         tiny = build_tiny_models(seed, device, dtype)
         if fp8:
-            from ..runtime.fp8 import is_dit_fp8_layer, quantize_module
+            from ..quant.fp8 import quantize_dit
 
-            quantize_module(tiny.dit, lambda name, _m: is_dit_fp8_layer(name))
+            quantize_dit(tiny.dit)
         return Components(
             tiny.dit, tiny.text_encoder, tiny.clip, tiny.vae, tiny.audio_encoder, name="tiny", variant=variant,
             random=True, vae_chunk_latents=8,

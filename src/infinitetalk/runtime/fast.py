@@ -14,9 +14,10 @@ by patching classes or functions:
   are the region masks, instead of materialising the softmax over the first frame. With cuDNN
   first on a Hopper or newer GPU the values are 16 channels wide, not the head size
   (`narrow_attention_map`, same map, 1.62 ms against 2.14 ms per block at 480p on an H100).
-* `fp8`: the big linear layers of every block as `Fp8Linear` (e4m3 weights, per-channel
-  scales, `torch._scaled_mm` with per-token scales), see `infinitetalk.runtime.fp8`.
-* `fp8_fused_gelu`: with `fp8`, each FFN computes its GELU and quantises it for the second
+* `fp8_fast_accum`: the fast-accumulation flag of the model's `Fp8Linear` layers (made by
+  `infinitetalk.quant.fp8.quantize_dit`, at load or before `make_fast`; e4m3 weights,
+  per-channel scales, `torch._scaled_mm` with per-token scales).
+* `fp8_fused_gelu`: with fp8 layers, each FFN computes its GELU and quantises it for the second
   layer in one pass over the hidden activations (`runtime.fp8_gelu.Fp8GeluFfn`, a Triton
   kernel on CUDA), instead of a compiled reduction that reads them twice.
 * `fp8_attention`: the video self-attention in fp8 through cuDNN's fp8 SDPA
@@ -62,7 +63,6 @@ class FastOptions:
     sdpa_backends: SDPA backend names, highest priority first (None: torch's default choice).
     rope: "float32" (cached cos/sin table) or "reference" (float64 complex, official).
     routing_map: "fused" (one SDPA call) or "reference" (explicit softmax, chunked).
-    fp8: replace the blocks' big linear layers by fp8 ones (quantised now from the weights).
     fp8_fast_accum: the fast-accumulation flag of the fp8 GEMM (faster, less accurate).
     fp8_attention: the video self-attention in fp8 (cuDNN graph; bf16 where unavailable).
     fp8_fused_gelu: with fp8, the FFN's GELU and the second layer's fp8 quantisation in one
@@ -79,7 +79,6 @@ class FastOptions:
     sdpa_backends: Optional[tuple[str, ...]] = ("cudnn", "flash", "efficient", "math")
     rope: str = "float32"
     routing_map: str = "fused"
-    fp8: bool = False
     fp8_fast_accum: bool = False
     fp8_attention: bool = False
     fp8_fused_gelu: bool = True
@@ -106,7 +105,7 @@ class FastOptions:
     def reference(cls) -> "FastOptions":
         """The official-like path: float64 RoPE, reference map, default SDPA, eager, per-branch calls."""
         return cls(
-            sdpa_backends=None, rope="reference", routing_map="reference", fp8=False, compile_blocks=False,
+            sdpa_backends=None, rope="reference", routing_map="reference", compile_blocks=False,
             cache_conditions="none", batch_guidance=False,
         )
 
@@ -124,8 +123,8 @@ class FastOptions:
 def make_fast(model: InfiniteTalkDiT, options: FastOptions = FastOptions()) -> InfiniteTalkDiT:
     """Apply `options` to `model` in place and return it.
 
-    Sets the model's kernel options (attention backends, RoPE table, routing map), replaces the
-    blocks' big linear layers by fp8 ones when asked (before compiling), then compiles each block.
+    Sets the model's kernel options (attention backends, RoPE table, routing map) and the fp8
+    layers' GEMM flags, fuses the fp8 FFNs when asked, then compiles each block.
     Calling it again with other options re-applies them (compiled blocks recompile on their
     next call as the guards see the change); compilation itself is never undone.
     """
@@ -148,15 +147,11 @@ def make_fast(model: InfiniteTalkDiT, options: FastOptions = FastOptions()) -> I
     model.routing_map = reference_attention_map
     if options.routing_map == "fused":
         model.routing_map = narrow_attention_map if _cudnn_takes_narrow_values(model.device, options) else sdpa_attention_map
-    if options.fp8:
-        from .fp8 import is_dit_fp8_layer, quantize_module
-
-        quantize_module(model, lambda name, _m: is_dit_fp8_layer(name), use_fast_accum=options.fp8_fast_accum)
-    from .fp8 import Fp8Linear, scaled_mm_supported
+    from ..quant.fp8 import Fp8Linear, scaled_mm_supported
     from .fp8_gelu import Fp8GeluFfn
 
     for module in model.modules():
-        if isinstance(module, Fp8Linear):  # also the layers loaded in fp8
+        if isinstance(module, Fp8Linear):  # made by `quant.fp8.quantize_dit` (at load, or before this call)
             module.use_fast_accum = options.fp8_fast_accum
     # the fused FFN where the fp8 GEMM runs (or is emulated exactly, on the CPU); on GPUs without
     # fp8 GEMMs the layers dequantise their weights, and the plain FFN keeps that path

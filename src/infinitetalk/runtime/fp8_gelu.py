@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .fp8 import _MIN_ACT_SCALE, FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_activation_rowwise
+from ..quant.fp8 import MIN_ACT_SCALE, FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_activation_rowwise
 
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
@@ -78,7 +78,7 @@ def _launch(h: torch.Tensor, num_warps: int) -> tuple[torch.Tensor, torch.Tensor
         _gelu_quantize_rows[(m,)](
             h, q, scale, n, h.stride(0), q.stride(0),
             BLOCK=triton.next_power_of_2(n), TWO_C=_TWO_SQRT_2_OVER_PI, CUBIC=_GELU_CUBIC,
-            QMAX=FP8_MAX, MIN_SCALE=_MIN_ACT_SCALE, num_warps=num_warps,
+            QMAX=FP8_MAX, MIN_SCALE=MIN_ACT_SCALE, num_warps=num_warps,
         )
     return q, scale
 

@@ -139,7 +139,6 @@ def load_dit(
     *,
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
     fp8: bool = False,
-    quantized: str | os.PathLike | None = None,
 ) -> InfiniteTalkDiT:
     """Build the InfiniteTalk DiT from official files, strictly, straight into device/dtype.
 
@@ -152,22 +151,11 @@ def load_dit(
     tensor (FusionX, lightx2v; kijai/ComfyUI, kohya and diffusers/peft key formats).
     fp8: the block linear layers become `Fp8Linear` (e4m3 weights, per-output-channel scales),
     quantised at load after the LoRA merge, so LoRAs also work with fp8.
-    quantized: the official optimum-quanto file (`quant_models/infinitetalk_single_fp8.safetensors`
-    + its `.json` map) used instead of the bf16 shards; `checkpoint` then only gives config.json.
-    It implies fp8 for the layers stored in fp8.
     Errors: MissingWeightsError (a file is absent), CheckpointError (unreadable file, missing,
     unexpected or mis-shaped key; the message names the key and the file).
     """
     files, cfg = resolve_dit_files(checkpoint, adapter, config)
-    if quantized is not None:
-        from .quant import open_quanto_checkpoint
-
-        if not Path(quantized).is_file():
-            raise MissingWeightsError(f"Quantised DiT file not found: {quantized}.", missing=[str(quantized)])
-        source = open_quanto_checkpoint(quantized)
-        fp8 = True
-    else:
-        source = open_weights(files)
+    source = open_weights(files)
     if adapter is None and not any(k.startswith(ADAPTER_KEY_PREFIXES) for k in source.keys()):
         raise CheckpointError(
             f"{checkpoint} holds no InfiniteTalk audio-adapter weights (audio_proj.*): pass "
@@ -181,10 +169,10 @@ def load_dit(
         model = InfiniteTalkDiT(cfg)
     keep_float32 = None
     if fp8:
-        from ..runtime.fp8 import fp8_layer_names, is_dit_fp8_layer, quantize_module
+        from ..quant.fp8 import fp8_layer_names, quantize_dit
         from .quant import Fp8Source
 
-        quantize_module(model, lambda name, module: is_dit_fp8_layer(name))
+        quantize_dit(model)
         source = Fp8Source(source, fp8_layer_names(model), device=device)
         keep_float32 = _is_fp8_scale
     log.info("loading the DiT from %d file(s) into %s %s%s", len(source.files), device, dtype, " (fp8 layers)" if fp8 else "")
