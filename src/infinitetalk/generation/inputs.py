@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -102,7 +102,6 @@ class PreparedInputs:
     tracks: SpeakerTracks
     masks: torch.Tensor
     boxes: Optional[list[tuple[int, int, int, int]]] = None
-    checksums: dict = field(default_factory=dict)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
