@@ -57,11 +57,8 @@ MODEL_NAMES = ("infinitetalk-14b", "tiny")
 
 
 def model_defaults(model: str) -> dict:
-    """GenerationConfig fields a model changes from the official defaults (tiny: 128 px buckets).
-
-    The tiny model keeps the official 40 steps: a 10 s portrait video takes about 25 s on a
-    2-core CPU (43 s CPU time), well under the one-minute goal.
-    """
+    """GenerationConfig fields a model changes from the official defaults (tiny: 128 px buckets;
+    it keeps the official 40 steps)."""
     if model == "tiny":
         from ..runtime.tiny_models import TINY_LONGEST_SIDE
 
@@ -213,11 +210,10 @@ class InfiniteTalk:
         fast: the speed path (runtime.fast.FastOptions: cuDNN attention, float32 RoPE, compiled
         blocks; the VAE in bfloat16 with VAEFastOptions); None = on for CUDA, off on the CPU.
         fp8: the DiT's block linears in fp8 (e4m3, per-channel scales, fast accumulation on the
-        fast path; about half the memory).
+        fast path; half the weight memory of those layers).
         fp8_attention: the DiT's self-attention in fp8 through cuDNN (Hopper or later with
-        `pip install 'infinitetalk[fp8]'`; bf16 elsewhere, with a warning). Faster (H100 480p:
-        2.94 s instead of 3.33 s per forward; 2.32 s with `fp8`), less exact (14% relative L2 on
-        a random-weights forward, twice the error of fp8 linears alone).
+        `pip install 'infinitetalk[fp8]'`; bf16 elsewhere, with a warning): faster and less
+        exact than bf16 (speed and error in benchmarks/results).
         loras: (file, scale) LoRAs merged into the DiT at load (e.g. lightx2v for preset 'fast').
         """
         dev = torch.device(device) if device is not None else default_device()
@@ -294,7 +290,7 @@ class InfiniteTalk:
         if fast and device.type == "cuda":
             from ..models.vae import VAEFastOptions
 
-            vae_fast = VAEFastOptions()  # bf16: H100 81x640x640 decode 1.17 s vs 2.98 s in fp32
+            vae_fast = VAEFastOptions()  # with the VAE in bf16
         vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
         vae = load_vae(layout.vae, device=device, dtype=vae_dtype).eval()
         audio = load_audio_encoder(layout.wav2vec, device=device, dtype=torch.float32).eval()

@@ -13,7 +13,7 @@ by patching classes or functions:
 * `routing_map="fused"`: the two-speaker reference-attention map as one SDPA call whose values
   are the region masks, instead of materialising the softmax over the first frame. With cuDNN
   first on a Hopper or newer GPU the values are 16 channels wide, not the head size
-  (`narrow_attention_map`, same map, 1.62 ms against 2.14 ms per block at 480p on an H100).
+  (`narrow_attention_map`, the same map with less work).
 * `fp8_fast_accum`: the fast-accumulation flag of the model's `Fp8Linear` layers (made by
   `infinitetalk.quant.fp8.quantize_dit`, at load or before `make_fast`; e4m3 weights,
   per-channel scales, `torch._scaled_mm` with per-token scales).
@@ -22,8 +22,8 @@ by patching classes or functions:
   kernel on CUDA), instead of a compiled reduction that reads them twice.
 * `fp8_attention`: the video self-attention in fp8 through cuDNN's fp8 SDPA
   (`runtime.fp8_attention.CudnnFp8Attention`; Hopper or later with the cuDNN frontend
-  installed, else bf16 with a warning). On an H100 at 480p: 27.8 ms for the kernel against
-  40.5 ms in bf16, at ~6% relative L2 error per attention call on random inputs.
+  installed, else bf16 with a warning); faster, less exact than bf16 (see
+  benchmarks/results for the speed and error).
 * `compile_blocks`: regional `torch.compile` of each transformer block (`nn.Module.compile`,
   static shapes); the 40 blocks share one compiled graph per input shape, which fuses the
   float32 modulation / gated-residual / norm / RoPE element-wise work around the GEMMs.
@@ -72,7 +72,7 @@ class FastOptions:
     compile_mode: torch.compile mode (None = default; "max-autotune-no-cudagraphs" tunes longer).
     cache_conditions: which keys and values GuidedDiT computes once per window: "context" (text
         and CLIP, shared by the branches with the same prompt; audio ones in every forward),
-        "all" (also the audio ones: 0.55 GB more per branch for ~1% speed), "none".
+        "all" (also the audio ones: more memory per branch, a little less compute), "none".
     batch_guidance: run the guidance branches of a step as one batched forward (GuidedDiT).
     """
 
@@ -85,8 +85,8 @@ class FastOptions:
     ffn_chunks: int = 1
     compile_blocks: bool = True
     compile_mode: Optional[str] = None
-    cache_conditions: str = "context"  # H100 480p: "all" 3.33 s / +4.27 GB, "none" 3.37 s / +3.06 GB
-    batch_guidance: bool = False  # measured on an H100 at 480p: B=3 took 3.01x one forward, +7 GB
+    cache_conditions: str = "context"
+    batch_guidance: bool = False  # off: a batched forward saves no time on a large GPU and holds more memory
 
     def __post_init__(self):
         if self.rope not in ("float32", "reference"):

@@ -31,8 +31,8 @@ class DiTConditions:
     context_kv[i]: block i's text/CLIP (k, v, k_img, v_img), each [B, Lc, H, D];
     audio_kv[i]: block i's audio (k, v), each [B*T, speakers*context_tokens, H, D] (keys already
     rotated for two speakers), or None: then `audio_tokens` [B, T, speakers*context_tokens,
-    audio_dim] are kept (about 1 MB) and each forward computes the audio keys and values
-    (~0.4 TFLOP, against 0.55 GB per sample held for the window).
+    audio_dim] are kept and each forward computes the audio keys and values (compute instead
+    of the memory the audio keys and values would hold for the window).
     They depend on the prompt, the CLIP features and the audio only, never on the noisy latent
     or the timestep, so all sampling steps of a window share them.
     """
@@ -201,9 +201,8 @@ class InfiniteTalkDiT(nn.Module):
 
         Inputs as in `forward` (B = len(context)). The result replaces context, clip_fea and
         audio in `forward(x, t, y=y, conditions=...)` for every step of the window. It holds
-        (257 + text_len) * 2 * dim values per block and sample for text/CLIP (0.63 GB per sample
-        for the 14B model in bf16) plus, with `audio_kv`, T * speakers * context_tokens * 2 * dim
-        for the audio (0.55 GB per speaker); without `audio_kv` only the audio tokens are kept and
+        (257 + text_len) * 2 * dim values per block and sample for text/CLIP plus, with
+        `audio_kv`, T * speakers * context_tokens * 2 * dim for the audio; without `audio_kv` only the audio tokens are kept and
         every forward computes the audio keys and values. `reuse_context_kv`: conditions made
         from the same prompt and CLIP features, whose text/CLIP keys and values are shared
         (not copied) instead of computed again.
