@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from infinitetalk.config import PRESETS, GenerationConfig  # noqa: E402
+from infinitetalk.quant.fp8 import quantize_dit  # noqa: E402
 from infinitetalk.generation.color import match_and_blend_colors  # noqa: E402
 from infinitetalk.generation.conditioning import image_condition, motion_latent  # noqa: E402
 from infinitetalk.generation.guidance import Guidance  # noqa: E402
@@ -49,7 +50,8 @@ from infinitetalk.generation.sampler import draw_window_noise, sample_window  # 
 from infinitetalk.models.dit import WanDiTConfig  # noqa: E402
 from infinitetalk.models.image import CLIPVisionConfig, CLIPVisionEncoder  # noqa: E402
 from infinitetalk.models.vae import VAEFastOptions, WanVAE, WanVAEConfig  # noqa: E402
-from infinitetalk.runtime.fast import FastOptions, GuidedDiT, make_fast  # noqa: E402
+from infinitetalk.generation.guided_dit import GuidedDiT  # noqa: E402
+from infinitetalk.runtime.fast import FastOptions, make_fast  # noqa: E402
 from infinitetalk.runtime.offload import BlockStreamer, ModulePlacer, host_ram_available  # noqa: E402
 from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload  # noqa: E402
 
@@ -105,7 +107,9 @@ class Job:
         self.hw = (plan.height, plan.width) if not args.tiny else (64, 64)
         self.dit = build_random_model(dcfg, device, dtype)
         torch._dynamo.reset()
-        make_fast(self.dit, FastOptions(compile_blocks=device.type == "cuda", fp8=self.fp8, fp8_fast_accum=self.fp8))
+        if self.fp8:
+            quantize_dit(self.dit)
+        make_fast(self.dit, FastOptions(compile_blocks=device.type == "cuda", fp8_fast_accum=self.fp8))
         self.vae_fast = VAEFastOptions() if device.type == "cuda" else None
         self.vae = _random_module(WanVAE, vcfg, device, dtype, 1)
         self.clip = _random_module(CLIPVisionEncoder, ccfg, device, torch.float16 if device.type == "cuda" else dtype, 2)

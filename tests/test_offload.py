@@ -13,8 +13,8 @@ import torch
 
 from infinitetalk.generation.sampler import BlockCache
 from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig
-from infinitetalk.runtime.fast import GuidedDiT
-from infinitetalk.runtime.fp8 import Fp8Linear, is_dit_fp8_layer, quantize_module
+from infinitetalk.generation.guided_dit import GuidedDiT
+from infinitetalk.quant.fp8 import Fp8Linear, is_dit_fp8_layer, quantize_module
 from infinitetalk.runtime.offload import BlockStreamer, resolve_budget
 from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload
 from infinitetalk.runtime.tiny_models import random_init_

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from infinitetalk.models.dit import WanDiTConfig
-from infinitetalk.runtime.fast import FastOptions, GuidedDiT, make_fast
+from infinitetalk.quant.fp8 import quantize_dit
+from infinitetalk.generation.guided_dit import GuidedDiT
+from infinitetalk.runtime.fast import FastOptions, make_fast
 from infinitetalk.runtime.offload import BlockStreamer, ModulePlacer
 from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload
 
@@ -61,7 +63,9 @@ def test_streamed_14b_forward_is_bit_identical(fp8, speakers):
     torch._dynamo.reset()
     cfg = WanDiTConfig.infinitetalk_14b()
     model = build_random_model(cfg, torch.device("cuda"), torch.bfloat16)
-    model = make_fast(model, FastOptions(fp8=fp8, compile_blocks=not fp8))
+    if fp8:
+        quantize_dit(model)
+    model = make_fast(model, FastOptions(fp8_fast_accum=fp8, compile_blocks=not fp8))
     inp = _inputs(cfg, speakers)
     reference = _run(model, inp)
     resident = 8

@@ -1,7 +1,8 @@
-"""User-facing error types.
+"""Error types: user-facing ones (`InfiniteTalkError` and its subclasses) and `InternalError`.
 
-Every failure a user can cause or fix raises one of these, with a message that says what is
-wrong and what to do. The CLI prints the message (no traceback) and exits with code 2.
+Every failure a user can cause or fix raises an `InfiniteTalkError` subclass, with a message that
+says what is wrong and what to do. The CLI prints the message (no traceback) and exits with code 2.
+A broken invariant inside the package (a bug) raises `InternalError` instead.
 """
 from __future__ import annotations
 
@@ -56,3 +57,14 @@ class JobCancelledError(InfiniteTalkError):
     """The job was cancelled (cancel token, Ctrl-C); its finished windows are kept for a resume."""
 
     exit_code = 130
+
+
+class InternalError(Exception):
+    """A bug inside infinitetalk, not something the user can fix: tensors the package builds itself
+    have the wrong shape, or a component is called against its contract.
+
+    Deliberately not an `InfiniteTalkError`: front ends report it as an internal error to be
+    reported (with the traceback), not as a problem with the user's input.
+    """
+
+    exit_code = 1

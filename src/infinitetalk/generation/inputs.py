@@ -109,7 +109,6 @@ class PreparedInputs:
     tracks: Optional[SpeakerTracks]
     masks: torch.Tensor
     boxes: Optional[list[tuple[int, int, int, int]]] = None
-    checksums: dict = field(default_factory=dict)
 
     @property
     def latent_hw(self) -> tuple[int, int]:

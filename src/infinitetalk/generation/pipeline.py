@@ -41,9 +41,9 @@ from ..media.frames import VideoFrameReader, prepare_frame
 from ..media.segments import concat_segments, write_segment
 from ..media.writer import to_uint8_frames
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
-from .audio_windows import audio_window, extend_by_reflection
+from .audio_windows import audio_for_window
 from .color import match_and_blend_colors
-from ..runtime.fast import GuidedDiT
+from .guided_dit import GuidedDiT
 from .conditioning import image_condition, motion_latent
 from .guidance import Guidance
 from .inputs import (
@@ -70,11 +70,8 @@ CUSTOM_MODEL = "custom"  # components given in memory (`InfiniteTalk.from_compon
 
 
 def model_defaults(model: str) -> dict:
-    """GenerationConfig fields a model changes from the official defaults (tiny: 128 px buckets).
-
-    The tiny model keeps the official 40 steps: a 10 s portrait video takes about 25 s on a
-    2-core CPU (43 s CPU time), well under the one-minute goal.
-    """
+    """GenerationConfig fields a model changes from the official defaults (tiny: 128 px buckets;
+    it keeps the official 40 steps)."""
     if model == "tiny":
         from ..runtime.tiny_models import TINY_LONGEST_SIDE
 
@@ -276,11 +273,10 @@ class InfiniteTalk:
         fast: the speed path (runtime.fast.FastOptions: cuDNN attention, float32 RoPE, compiled
         blocks; the VAE in bfloat16 with VAEFastOptions); None = on for CUDA, off on the CPU.
         fp8: the DiT's block linears in fp8 (e4m3, per-channel scales, fast accumulation on the
-        fast path; about half the memory).
+        fast path; half the weight memory of those layers).
         fp8_attention: the DiT's self-attention in fp8 through cuDNN (Hopper or later with
-        `pip install 'infinitetalk[fp8]'`; bf16 elsewhere, with a warning). Faster (H100 480p:
-        2.94 s instead of 3.33 s per forward; 2.32 s with `fp8`), less exact (14% relative L2 on
-        a random-weights forward, twice the error of fp8 linears alone).
+        `pip install 'infinitetalk[fp8]'`; bf16 elsewhere, with a warning): faster and less
+        exact than bf16 (speed and error in benchmarks/results).
         loras: (file, scale) LoRAs merged into the DiT at load (e.g. lightx2v for preset 'fast').
         files: the file of each component (`weights.locate.locate_components`: a ComfyUI models/
         folder, single-file overrides); None = found in `path_or_repo` (official or ComfyUI layout).
@@ -359,9 +355,9 @@ class InfiniteTalk:
         log.info("model 'tiny': every component has RANDOM weights; the video shows noise, not a face")
         tiny = build_tiny_models(seed, device, dtype)
         if fp8:
-            from ..runtime.fp8 import is_dit_fp8_layer, quantize_module
+            from ..quant.fp8 import quantize_dit
 
-            quantize_module(tiny.dit, lambda name, _m: is_dit_fp8_layer(name))
+            quantize_dit(tiny.dit)
         return Components(
             tiny.dit, tiny.text_encoder, tiny.clip, tiny.vae, tiny.audio_encoder, name="tiny", variant=variant,
             random=True, vae_chunk_latents=8,
@@ -402,7 +398,7 @@ class InfiniteTalk:
         if fast and device.type == "cuda":
             from ..models.vae import VAEFastOptions
 
-            vae_fast = VAEFastOptions()  # bf16: H100 81x640x640 decode 1.17 s vs 2.98 s in fp32
+            vae_fast = VAEFastOptions()  # with the VAE in bf16
         vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
         vae = load_vae(layout.vae, device=place, dtype=vae_dtype).eval()
         audio = load_audio_encoder(layout.wav2vec2, device=place, dtype=torch.float32, config_dir=layout.audio_config).eval()
@@ -572,10 +568,7 @@ class InfiniteTalk:
         return features, context.to(self.device), context_null.to(self.device)
 
     def _audio_for(self, features: Sequence[torch.Tensor], window: Window, frame_num: int) -> torch.Tensor:
-        embs = list(features)
-        if window.is_last:  # official: the features are extended just before the last window
-            embs = [extend_by_reflection(e, window.end)[0] for e in embs]
-        return audio_window(embs, window.start, frame_num).to(self.device)
+        return audio_for_window(features, window).to(self.device)
 
     @torch.no_grad()
     def _run(

@@ -70,12 +70,6 @@ def write_segment(path: PathLike, frames, fps: int = FPS, options: Optional[dict
     return path
 
 
-def segment_frame_count(path: PathLike) -> int:
-    """Number of video packets (= frames) in a segment."""
-    with av.open(str(path)) as c:
-        return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
-
-
 class _AudioTrack:
     """AAC encoding of a mono float32 waveform, written up to a given sample as video is added."""
 

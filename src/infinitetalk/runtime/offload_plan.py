@@ -117,7 +117,7 @@ class OffloadModels:
         from ..models.image import CLIPVisionEncoder
         from ..models.text import UMT5Encoder
         from ..models.vae import WanVAE
-        from .fp8 import is_dit_fp8_layer, quantize_module
+        from ..quant.fp8 import is_dit_fp8_layer, quantize_module
 
         with torch.device("meta"):
             block = WanAttentionBlock(dit_config).to(dtype)
