@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, device, and where weights are found")
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
     info.set_defaults(func=cmd_info)
+    # serve: the HTTP API (extra `server`; FastAPI is imported only when the command runs)
+    from .server.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
