@@ -86,7 +86,7 @@ def build_routers(ctx: ServerContext) -> list[APIRouter]:
         if dead:
             raise Problem(503, f"The worker on {dead[0]} has stopped.")
         return JSONResponse({"status": "ready", "workers": [
-            {"device": w.device, "job": w.current, "loaded": w.loaded_key is not None} for w in ctx.workers]})
+            {"device": w.device, "busy": w.current is not None, "loaded": w.loaded_key is not None} for w in ctx.workers]})
 
     @ops.get("/metrics", summary="Prometheus metrics")
     def metrics() -> Response:

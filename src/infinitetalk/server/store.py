@@ -74,6 +74,7 @@ class JobRecord:
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "attempts": self.attempts,
+            "worker": self.worker if running else None,  # host:pid:device:tag of the worker holding it (None when not running)
             "cancel_requested": bool(self.cancel_requested),
             "progress": {
                 "stage": self.stage,

@@ -31,20 +31,18 @@ class PostgresStore(JobStore):
             self._pool.close()
             raise InputError(f"Cannot connect to the Postgres job store ({type(err).__name__}); check --db and "
                              "that the server is running.") from None
-        self._init_lock()
 
-    def _init_lock(self) -> None:
-        # Many processes may start at once: serialise CREATE TABLE IF NOT EXISTS with an advisory lock.
-        self._schema_lock = 0x1A7E  # any constant shared by every infinitetalk process
+    SCHEMA_LOCK = 0x1A7E  # advisory lock key shared by every infinitetalk process
 
     def init_schema(self) -> None:
+        """CREATE TABLE IF NOT EXISTS under an advisory lock: many processes may start at once."""
         with self._pool.connection() as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (self._schema_lock,))
+            conn.execute("SELECT pg_advisory_lock(%s)", (self.SCHEMA_LOCK,))
             try:
                 conn.commit()
                 super().init_schema()
             finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (self._schema_lock,))
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self.SCHEMA_LOCK,))
                 conn.commit()
 
     def q(self, sql: str) -> str:

@@ -54,7 +54,7 @@ def sniff(head: bytes) -> Optional[tuple[str, str]]:
 
 
 def accepts(field_kind: str, kind: str) -> bool:
-    return {"image": ("image",), "video": ("media",), "audio": ("audio", "media")}[field_kind].__contains__(kind)
+    return kind in {"image": ("image",), "video": ("media",), "audio": ("audio", "media")}[field_kind]
 
 
 def image_pixels(path: Path) -> Optional[int]:

@@ -13,7 +13,6 @@ import socket
 import secrets
 import threading
 import time
-from pathlib import Path
 from typing import Optional
 
 from .. import progress as ev
@@ -220,6 +219,3 @@ class Worker:
             if outcome in ("succeeded", "failed", "cancelled"):
                 self.metrics.jobs_finished.labels(state=outcome).inc()
 
-
-def job_folder(config: ServerConfig, job_id: str) -> Path:
-    return config.jobs_dir / job_id
