@@ -84,6 +84,28 @@ def test_serve_refuses_public_host_without_keys(capsys):
     assert "127.0.0.1 only" in err and "--api-key-file" in err and "Traceback" not in err
 
 
+def test_gpus_and_key_file_are_checked(tmp_path):
+    import torch
+
+    from infinitetalk.errors import InputError
+    from infinitetalk.server.config import parse_devices, read_api_keys
+    from infinitetalk.server.security import key_matches
+
+    assert parse_devices("none") == () and parse_devices("cpu") == ("cpu",)
+    if not torch.cuda.is_available():
+        assert parse_devices("all") == ("cpu",)
+        with pytest.raises(InputError, match="no GPU 0"):
+            parse_devices("0")
+    with pytest.raises(InputError, match="GPU numbers"):
+        parse_devices("zero")
+    short = tmp_path / "k.txt"
+    short.write_text("abc\n")
+    with pytest.raises(InputError, match="shorter than 16"):
+        read_api_keys(str(short))
+    assert key_matches(KEY, ("another-key-0123456789", KEY)) and not key_matches(KEY + "x", (KEY,))
+
+
+@pytest.mark.slow  # includes the first job's model load
 def test_submit_poll_sse_download_delete(env):
     s = env["server"]
     with s.client() as c:
@@ -212,6 +234,7 @@ class _Receiver(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_webhook_signed_and_retried_after_500(env):
     from standardwebhooks.webhooks import Webhook
 
