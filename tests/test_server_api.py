@@ -274,7 +274,11 @@ def test_webhook_signed_and_retried_after_500(env):
 
 def test_status_requests_per_second(env):
     with env["server"].client() as c:
-        job_id = c.get("/v1/jobs", params={"limit": 1}).json()["jobs"][0]["id"]
+        page = c.get("/v1/jobs", params={"limit": 1}).json()
+        job_id = page["jobs"][0]["id"]
+        if page["next_cursor"]:  # the next page starts after the first: an older job
+            older = c.get("/v1/jobs", params={"limit": 1, "cursor": page["next_cursor"]}).json()["jobs"]
+            assert older and older[0]["id"] != job_id and older[0]["created_at"] <= page["jobs"][0]["created_at"]
 
     def hammer(_):
         n, end = 0, time.monotonic() + 2.0
