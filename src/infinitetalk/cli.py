@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .ui.options import add_ui_parser  # `infinitetalk ui`: the web page (gradio is imported only when it runs)
 
     add_ui_parser(sub)
+
+    # serve: the HTTP API (extra `server`; FastAPI is imported only when the command runs)
+    from .server.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
