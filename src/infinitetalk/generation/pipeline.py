@@ -106,7 +106,7 @@ def job_settings(
         "variant": variant,
         "device": dev.type,
         "dtype": str(dt),
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+        "config": dataclasses.asdict(cfg),
         "request": prompt_hash_material(inputs.request),
         "target_hw": list(inputs.target_hw),
         "inputs": list(input_checksums(inputs.request).values()),
@@ -385,7 +385,6 @@ class InfiniteTalk:
         output = Path(output).expanduser()
         if output.is_dir():
             raise InputError(f"The output path {output} is a folder; give a file name such as {output / 'out.mp4'}.")
-        self._check_options(inputs, config)
         plan = self.plan(inputs, config)
         tracker = progress if isinstance(progress, ProgressTracker) else ProgressTracker(progress, cancel)
         job = JobDir(output)
