@@ -204,8 +204,10 @@ class InfiniteTalk:
         """Load every model.
 
         path_or_repo: the weights folder (official layout, see `weights.hub`; None: the default
-        folder $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights). Missing files raise
-        MissingWeightsError listing them with the `infinitetalk download` command.
+        folder $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights), used as it is: missing files
+        raise MissingWeightsError listing them with the `infinitetalk download` command. The hub id
+        "MeiGen-AI/InfiniteTalk" (not an existing local path) fetches the missing files into the
+        default folder first, as `infinitetalk download` does (HubError when the hub is unreachable).
         variant: "single" or "multi" (the adapter for one or two speakers).
         model: "infinitetalk-14b" (official weights) or "tiny" (small random models of every
         component built from `seed`, no files needed; for tests, the output is not a face).
@@ -275,11 +277,11 @@ class InfiniteTalk:
         from ..weights.audio_loader import load_audio_encoder
         from ..weights.clip_loader import load_clip_vision
         from ..weights.dit_loader import load_dit
-        from ..weights.hub import locate_weights
+        from ..weights.hub import resolve_weights
         from ..weights.t5_loader import load_text_encoder
         from ..weights.vae_loader import load_vae
 
-        layout = locate_weights(root, variant)
+        layout = resolve_weights(root, variant)
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official clip dtype
         log.info("loading the models from %s onto %s (%s)", layout.root, device, dtype)
         missing = [str(p) for p, _ in loras if not p.is_file()]

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import FPS, GenerationConfig
+from ..devices import resolve_device
 from ..errors import DeviceOutOfMemoryError, InfiniteTalkError, InputError, JobCancelledError
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
 from .job import JobSpec
@@ -77,24 +78,6 @@ class JobResult:
     duration_s: float
     windows: int
     seconds: float
-
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(f"Unknown device {device!r}; use cpu, cuda or cuda:N.") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"The device {device!r} is not supported; use cpu, cuda or cuda:N.")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"The device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"There is no GPU {device!r}; this machine has {torch.cuda.device_count()} "
-                             "(cuda:0 ... ).")
-    return dev
 
 
 def resolve_config(spec: JobSpec) -> GenerationConfig:

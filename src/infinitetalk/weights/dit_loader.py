@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, MissingWeightsError
 from ..models.dit import InfiniteTalkDiT, WanDiTConfig
 from .materialize import PICKLE_EXT, SAFETENSORS_EXT, materialize, open_weights
@@ -158,6 +159,7 @@ def load_dit(
     Errors: MissingWeightsError (a file is absent), CheckpointError (unreadable file, missing,
     unexpected or mis-shaped key; the message names the key and the file).
     """
+    device = resolve_device(device)
     files, cfg = resolve_dit_files(checkpoint, adapter, config)
     if quantized is not None:
         from .quant import open_quanto_checkpoint
