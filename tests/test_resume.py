@@ -11,7 +11,6 @@ Short windows (frame_num 21, motion_frame 5; 2.6 s = 65 frames = four windows) k
 """
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
@@ -82,6 +81,7 @@ def _same_as_base(out, base_frames) -> None:
     assert np.array_equal(frames, base_frames), "the resumed video differs from the uninterrupted one"
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(job):
     folder, image, audio, base = job
     out = folder / "out.mp4"
@@ -116,6 +116,7 @@ def _resume_command(stderr: str) -> list[str]:
     return [sys.executable, "-m", "infinitetalk.cli", *words[1:]]
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_cleanly_and_resumes(job):
     folder, image, audio, base = job
     out = folder / "ctrlc.mp4"
