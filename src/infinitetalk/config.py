@@ -11,7 +11,7 @@ and there is no frame cap by default (the official streaming cap is 1000 frames 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
 from infinitetalk.errors import InputError
@@ -68,7 +68,6 @@ class GenerationConfig:
     face_scale: float = 0.05
     bucket_longest_side: Optional[int] = None
     num_train_timesteps: int = 1000
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()

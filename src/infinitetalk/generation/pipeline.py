@@ -118,7 +118,7 @@ def job_settings(
         "variant": variant,
         "device": dev.type,
         "dtype": str(dt),
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+        "config": dataclasses.asdict(cfg),
         "request": prompt_hash_material(inputs.request),
         "target_hw": list(inputs.target_hw),
         "inputs": list(input_checksums(inputs.request).values()),
@@ -264,8 +264,10 @@ class InfiniteTalk:
         """Load every model.
 
         path_or_repo: the weights folder (official layout, see `weights.hub`; None: the default
-        folder $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights). Missing files raise
-        MissingWeightsError listing them with the `infinitetalk download` command.
+        folder $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights), used as it is: missing files
+        raise MissingWeightsError listing them with the `infinitetalk download` command. The hub id
+        "MeiGen-AI/InfiniteTalk" (not an existing local path) fetches the missing files into the
+        default folder first, as `infinitetalk download` does (HubError when the hub is unreachable).
         variant: "single" or "multi" (the adapter for one or two speakers).
         model: "infinitetalk-14b" (official weights) or "tiny" (small random models of every
         component built from `seed`, no files needed; for tests, the output is not a face).
@@ -378,10 +380,13 @@ class InfiniteTalk:
         from ..weights.audio_loader import load_audio_encoder
         from ..weights.clip_loader import load_clip_vision
         from ..weights.dit_loader import load_dit
+        from ..weights.hub import is_hub_id, resolve_weights
         from ..weights.locate import locate_components
         from ..weights.t5_loader import load_text_encoder
         from ..weights.vae_loader import load_vae
 
+        if files is None and root is not None and is_hub_id(root):  # "MeiGen-AI/InfiniteTalk": fetched first
+            root = resolve_weights(root, variant).root
         layout = (files or locate_components(root, variant)).require().fetch_extras()
         place = device if place is None else place  # the host when offloading (runtime.offload moves them)
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official clip dtype
@@ -507,7 +512,6 @@ class InfiniteTalk:
         output = Path(output).expanduser()
         if output.is_dir():
             raise InputError(f"The output path {output} is a folder; give a file name such as {output / 'out.mp4'}.")
-        self._check_options(inputs, config)
         plan = self.plan(inputs, config)
         tracker = progress if isinstance(progress, ProgressTracker) else ProgressTracker(progress, cancel)
         job = JobDir(output)

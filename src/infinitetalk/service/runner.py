@@ -26,6 +26,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..config import FPS, GenerationConfig
+from ..devices import resolve_device
 from ..errors import DeviceOutOfMemoryError, InfiniteTalkError, InputError, JobCancelledError
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
 from .job import JobSpec
@@ -80,24 +81,6 @@ class JobResult:
     duration_s: float
     windows: int
     seconds: float
-
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(f"Unknown device {device!r}; use cpu, cuda or cuda:N.") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"The device {device!r} is not supported; use cpu, cuda or cuda:N.")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"The device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"There is no GPU {device!r}; this machine has {torch.cuda.device_count()} "
-                             "(cuda:0 ... ).")
-    return dev
 
 
 def resolve_config(spec: JobSpec) -> GenerationConfig:
@@ -217,6 +200,12 @@ def resolve_model(spec: JobSpec, speakers: int, size: int = 720) -> ModelSetting
                          bool(rt.fp8_attention), tuple(loras), tuple(sorted(files)), _vram(rt.vram), int(size))
 
 
+def _is_hub_id(weights: Optional[str]) -> bool:
+    from ..weights.hub import is_hub_id
+
+    return weights is not None and is_hub_id(weights)
+
+
 def component_files(settings: ModelSettings):
     """The files of every component (official layout, ComfyUI folder, overrides); see weights.locate."""
     from ..weights.locate import locate_components
@@ -267,7 +256,7 @@ class JobService:
         cfg = resolve_config(spec)
         inputs = prepare_inputs(request, cfg)
         model = resolve_model(spec, request.speakers, cfg.size)
-        if model.model != "tiny":
+        if model.model != "tiny" and not _is_hub_id(model.weights):
             component_files(model).require()  # missing weights: the list and the download command, now
         key = resume_key(inputs, cfg, model)
         if spec.resume:
@@ -280,7 +269,7 @@ class JobService:
     def _load(settings: ModelSettings):
         from ..generation.pipeline import InfiniteTalk
 
-        files = component_files(settings) if settings.model != "tiny" else None
+        files = component_files(settings) if settings.model != "tiny" and not _is_hub_id(settings.weights) else None
         return InfiniteTalk.from_pretrained(
             settings.weights, device=settings.device, dtype=settings.torch_dtype, variant=settings.variant,
             model=settings.model, fast=settings.fast, fp8=settings.fp8, loras=settings.loras,
@@ -322,7 +311,7 @@ class JobService:
                 if job.model.model == "tiny":
                     tracker.notice("the tiny model uses small RANDOM weights: the video is noise, not a face "
                                    "(for trying the tool and for tests)", level="warning")
-                if job.model.model != "tiny" and job.model not in self._pipes:
+                if job.model.model != "tiny" and job.model not in self._pipes and not _is_hub_id(job.model.weights):
                     for note in component_files(job.model).notes:
                         tracker.notice(note)
                 tracker.check_cancel()

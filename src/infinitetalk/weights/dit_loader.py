@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, MissingWeightsError
 from ..models.dit import InfiniteTalkDiT, WanDiTConfig
 from .materialize import PICKLE_EXT, SAFETENSORS_EXT, materialize, open_weights
@@ -149,6 +150,7 @@ def load_dit(
     Errors: MissingWeightsError (a file is absent), CheckpointError (unreadable file, missing,
     unexpected or mis-shaped key; the message names the key and the file).
     """
+    device = resolve_device(device)
     files, cfg = resolve_dit_files(checkpoint, adapter, config)
     single = Path(checkpoint).is_file()
     source = _open_dit_source(files, single, adapter is not None)

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, MissingWeightsError
 
 SAFETENSORS_EXT = (".safetensors",)
@@ -151,7 +152,7 @@ def materialize(
     (unless `ignore_unexpected(key)`), raises CheckpointError naming the key and the files.
     Floating tensors are cast to `dtype` (unless `keep_float32(name)`, then float32).
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     expected = dict(module.state_dict(keep_vars=True))
     param_names = {n for n, _ in module.named_parameters()}
     file_list = ", ".join(str(f) for f in source.files)
