@@ -120,6 +120,12 @@ def _add_generate(sub) -> None:
                        help="merge a LoRA into the DiT at load (repeatable; scale default 1); works with --fp8")
     model.add_argument("--no-fast", dest="fast", action="store_false", default=None,
                        help="use the reference kernels instead of the fast GPU path (for comparisons)")
+    par = p.add_argument_group("several GPUs")
+    par.add_argument("--gpus", type=int, default=None, metavar="N",
+                     help="share each step over N GPUs (cuda:0..N-1; with --device cpu: N CPU processes, for "
+                          "tests); torchrun -m infinitetalk generate ... works too")
+    par.add_argument("--branch-groups", type=int, default=None, metavar="G",
+                     help="run the guidance branches on G groups of GPUs (default: chosen from N and the branches)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -282,10 +288,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
             job_settings(inputs, cfg, args.model, variant, args.device, dtype, runtime_settings(args.fp8, _loras(args), args.fp8_attention))
         )
     loras = _loras(args)
+    device, parallel = args.device, None
+    world = _parallel_world(args, cfg)
+    if world > 1:  # several ranks: start them (this process returns their result) or be one of them
+        from .runtime.parallel import ParallelContext
+        from .runtime.parallel_launch import rank_device, start_or_join
+
+        device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+        launched = start_or_join(cmd_generate, args, world, device_type)
+        if launched is not None:
+            return launched
+        device, parallel = str(rank_device(device_type)), ParallelContext(branch_groups=args.branch_groups)
+        if not parallel.is_leader:
+            say, args.quiet = (lambda *a: None), True
     say(f"loading {args.model} ({variant}) ...")
     pipe = InfiniteTalk.from_pretrained(
-        args.weights, device=args.device, dtype=dtype, variant=variant, model=args.model,
-        fast=args.fast, fp8=args.fp8, loras=loras, fp8_attention=args.fp8_attention,
+        args.weights, device=device, dtype=dtype, variant=variant, model=args.model,
+        fast=args.fast, fp8=args.fp8, loras=loras, fp8_attention=args.fp8_attention, parallel=parallel,
     )
     plan = pipe.plan(inputs, cfg)
     h, w = inputs.target_hw
@@ -301,6 +320,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ) from err
     say(f"wrote {path}")
     return 0
+
+
+def _parallel_world(args: argparse.Namespace, cfg) -> int:
+    """The job's rank count (--gpus or torchrun), its layout checked before anything starts."""
+    from .runtime.parallel_launch import requested_world
+
+    world = requested_world(getattr(args, "gpus", None))
+    if world > 1 or getattr(args, "branch_groups", None):
+        from .generation.guidance import branches_for
+        from .runtime.parallel import model_heads, plan_layout
+
+        plan_layout(world, len(branches_for(cfg.text_guide_scale)), model_heads(args.model), cfg.latent_frames,
+                    args.branch_groups)
+    return world
 
 
 def _loras(args: argparse.Namespace) -> list:

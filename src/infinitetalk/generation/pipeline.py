@@ -147,6 +147,7 @@ class Components:
     vae_fast: Optional[object] = None  # models.vae.VAEFastOptions on the fast GPU path
     dit_fast: Optional[object] = None  # runtime.fast.FastOptions applied to the DiT (None: reference path)
     runtime: dict = dataclasses.field(default_factory=dict)  # speed/weight options that change results
+    parallel: Optional[object] = None  # runtime.parallel.ParallelContext when several ranks share the job
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ class InfiniteTalk:
         fp8: bool = False,
         loras: Sequence[tuple[PathLike, float]] = (),
         fp8_attention: bool = False,
+        parallel: Optional[object] = None,
     ) -> "InfiniteTalk":
         """Load every model.
 
@@ -219,6 +221,8 @@ class InfiniteTalk:
         2.94 s instead of 3.33 s per forward; 2.32 s with `fp8`), less exact (14% relative L2 on
         a random-weights forward, twice the error of fp8 linears alone).
         loras: (file, scale) LoRAs merged into the DiT at load (e.g. lightx2v for preset 'fast').
+        parallel: a `runtime.parallel.ParallelContext` (every rank of the job calls this): the
+        ranks share each step; the text encoder, CLIP and wav2vec2 load and run on its first rank.
         """
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype if dtype is not None else default_dtype(dev)
@@ -235,7 +239,8 @@ class InfiniteTalk:
                 raise InputError("LoRAs change the official 14B weights; the tiny random model takes none.")
             components = cls._tiny_components(seed, dev, dt, variant, fp8)
         else:
-            components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast)
+            encoders = parallel is None or parallel.is_leader
+            components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, encoders)
         components.runtime = runtime_settings(fp8, loras, fp8_attention)
         if use_fast:
             from ..runtime.fast import FastOptions, make_fast
@@ -245,6 +250,8 @@ class InfiniteTalk:
             components.dit_fast = options
         elif fp8_attention:
             log.warning("fp8 attention is part of the fast path; with fast=False the self-attention stays in %s.", dt)
+        if parallel is not None:
+            parallel.wrap_components(components, dev)
         return cls(components, dev, dt)
 
     @staticmethod
@@ -271,6 +278,7 @@ class InfiniteTalk:
         fp8: bool = False,
         loras: Sequence[tuple[Path, float]] = (),
         fast: bool = False,
+        encoders: bool = True,
     ) -> Components:
         from ..weights.audio_loader import load_audio_encoder
         from ..weights.clip_loader import load_clip_vision
@@ -288,8 +296,8 @@ class InfiniteTalk:
 
             raise MissingWeightsError(f"LoRA file not found: {', '.join(missing)}.", missing=missing)
         dit = load_dit(layout.dit_dir, layout.adapter, device=device, dtype=dtype, loras=loras, fp8=fp8).eval()
-        text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=device, dtype=dtype)
-        clip = load_clip_vision(layout.clip, device=device, dtype=clip_dtype).eval()
+        text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=device, dtype=dtype) if encoders else None
+        clip = load_clip_vision(layout.clip, device=device, dtype=clip_dtype).eval() if encoders else None
         vae_fast = None
         if fast and device.type == "cuda":
             from ..models.vae import VAEFastOptions
@@ -297,7 +305,7 @@ class InfiniteTalk:
             vae_fast = VAEFastOptions()  # bf16: H100 81x640x640 decode 1.17 s vs 2.98 s in fp32
         vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
         vae = load_vae(layout.vae, device=device, dtype=vae_dtype).eval()
-        audio = load_audio_encoder(layout.wav2vec, device=device, dtype=torch.float32).eval()
+        audio = load_audio_encoder(layout.wav2vec, device=device, dtype=torch.float32).eval() if encoders else None
         return Components(
             dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False,
             vae_chunk_latents=None if vae_fast is not None else 1, vae_fast=vae_fast,
@@ -377,7 +385,14 @@ class InfiniteTalk:
         plan = self.plan(inputs, config)
         tracker = ProgressTracker(progress)
         job = JobDir(output)
+        par = self.components.parallel
+        if par is not None and not par.is_leader:  # the other ranks compute; only the first one writes
+            for _ in self._run(inputs, config, plan, ProgressTracker(None), par.broadcast_object()):
+                pass
+            return output
         state = job.start(self._job_settings(inputs, config), resume)
+        if par is not None:
+            par.broadcast_object(state)
         if state is not None:
             tracker.emit("resume", state.next_window, len(plan), f"resuming at window {state.next_window + 1}/{len(plan)}")
         frames_done = state.frames_written if state is not None else 0
@@ -463,7 +478,8 @@ class InfiniteTalk:
                 audio = self._audio_for(features, window, cfg.frame_num)
                 noise = draw_window_noise((16, latent_frames, lat_h, lat_w), generator, self.device)
                 # text/CLIP keys and values are computed once per window, not per step
-                denoiser = GuidedDiT(
+                make_denoiser = c.parallel.guided_dit if c.parallel is not None else GuidedDiT
+                denoiser = make_denoiser(
                     c.dit, branches, context=context, context_null=context_null, clip_fea=clip_fea, y=y,
                     audio=audio, ref_target_masks=masks if audio.shape[0] == 2 else None,
                     cache_conditions=c.dit_fast.cache_conditions if c.dit_fast is not None else "context",
@@ -472,6 +488,7 @@ class InfiniteTalk:
                 latent = sample_window(
                     denoiser.predict_branch, noise, motion, window.motion_latent_frames, cfg, generator, tracker,
                     first_window=window.is_first, timestep_modulation=modulation,
+                    step_fn=getattr(denoiser, "predict_step", None),
                 )
                 tracker.emit("decode", window.index, n, "decoding (VAE)")
                 video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents, fast=c.vae_fast)[0].float().cpu()

@@ -17,12 +17,14 @@ ranks share the work of each sampling step and agree on everything through colle
   every rank (one small all-reduce), so the ranks of a group always skip together.
 * Text encoder, CLIP and wav2vec2 run on the first rank only (`OnLeader`); their results are
   broadcast. The other ranks need not load them.
-* The VAE runs on every rank on the same latents (identical results, no communication): its
-  decoder is causal in time (each chunk of frames reads the cache of the previous ones) and has
-  attention over whole frames, so a split by frames or tiles would change the video, and
-  window k + 1 is conditioned on the last decoded frames of window k, so its sampling cannot
-  overlap window k's decode. Writing the video (colour correction, H.264) happens on the
-  first rank only while the others go on with the next window.
+* The VAE encodes and decodes on the first rank only and the results are broadcast (the
+  decoded window, the image and motion latents), so the other ranks hold no VAE activations
+  and every rank conditions on the same latents. It is not split: the decoder is causal in
+  time (each chunk of frames reads the cache of the previous ones) and attends over whole
+  frames, so a split by frames or tiles would change the video; and window k + 1 is
+  conditioned on the last decoded frames of window k, so its sampling cannot overlap window
+  k's decode. Writing the video (H.264 segments, resume state) happens on the first rank only
+  while the others go on to the next window.
 * Weights: every rank holds the whole DiT (the 14B model fits one H200; with fp8 half of it).
   fp8 linears, LoRAs (merged at load) and compiled blocks are per-rank properties of the model
   and compose unchanged; the fp8 attention gets the global q/k bounds.
@@ -95,6 +97,17 @@ def plan_layout(world: int, branches: int, heads: int, frames: int, branch_group
 
     best = min(options, key=cost)
     return Layout(best, world // best)
+
+
+def model_heads(model: str) -> int:
+    """Attention heads of a model name (`--model`), without building it."""
+    if model == "tiny":
+        from .tiny_models import TinyConfigs
+
+        return TinyConfigs.default().dit.num_heads
+    from ..models.dit import WanDiTConfig
+
+    return WanDiTConfig.infinitetalk_14b().num_heads
 
 
 def assign_branches(branches: Sequence[str], groups: int) -> list[tuple[str, ...]]:
@@ -178,12 +191,13 @@ class ParallelContext:
 
     # ---- the pipeline's components ---------------------------------------------------------
     def wrap_components(self, components, device: torch.device):
-        """Run the text encoder, CLIP and wav2vec2 on the leader only; mark the components parallel.
-
-        On the other ranks the encoders may be None (not loaded)."""
+        """Run the text encoder, CLIP, wav2vec2 and the VAE passes on the leader only (results
+        broadcast); mark the components parallel. On the other ranks the encoders may be None
+        (not loaded); the VAE's weights stay on every rank (its device and dtype are read there)."""
         components.text_encoder = OnLeader(components.text_encoder, self, device)
         components.clip = OnLeader(components.clip, self, device)
         components.audio_encoder = OnLeader(components.audio_encoder, self, device)
+        components.vae = OnLeader(components.vae, self, device)
         components.parallel = self
         return components
 
@@ -207,6 +221,13 @@ class OnLeader:
 
     def encode(self, *args, **kwargs):
         return self._run(lambda: self.inner.encode(*args, **kwargs))
+
+    def decode(self, *args, **kwargs):
+        return self._run(lambda: self.inner.decode(*args, **kwargs))
+
+    def parameters(self, *args, **kwargs):
+        """The wrapped model's parameters (device and dtype; the model must exist on every rank)."""
+        return self.inner.parameters(*args, **kwargs)
 
     def _run(self, fn):
         result = fn() if self.ctx.is_leader else None

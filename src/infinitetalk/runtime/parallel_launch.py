@@ -146,3 +146,22 @@ def rank_device(device_type: str) -> torch.device:
     if device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def requested_world(gpus: Optional[int]) -> int:
+    """Ranks of the job: --gpus N, or torchrun's world size (they must agree when both are given)."""
+    launched = torchrun_world()
+    if gpus is not None and launched > 1 and gpus != launched:
+        raise InputError(f"--gpus {gpus} disagrees with torchrun's {launched} processes; leave --gpus out under torchrun.")
+    return launched if launched > 1 else int(gpus or 1)
+
+
+def start_or_join(fn: Callable, args: Any, world: int, device_type: str) -> Optional[Any]:
+    """In a rank (started by `run_ranks` or torchrun): join the job and return None. Otherwise
+    start `world` ranks running `fn(args)` and return rank 0's result."""
+    if dist.is_initialized():
+        return None
+    if torchrun_world() > 1:
+        init_from_torchrun(device_type)
+        return None
+    return run_ranks(fn, (args,), world=world, device=device_type)
