@@ -219,3 +219,25 @@ def test_dit_predictions_equal_one_process(fp8):
             assert rel <= bound, (groups, branch, rel)
     rel = (got["raw"] - want["cond"]).abs().max().item() / want["cond"].abs().max().item()
     assert rel <= bound, rel
+
+
+@pytest.mark.slow
+def test_cli_gpus_starts_the_ranks_and_only_rank_0_writes(media_dir, tmp_path, capfd):
+    """The real command with two CPU ranks (the tiny model's default 81-frame window at 128 px)."""
+    from infinitetalk.cli import main
+    from test_e2e_tiny import probe_mp4
+
+    out = tmp_path / "two_ranks.mp4"
+    rc = main(["generate", "--model", "tiny", "--gpus", "2", "--device", "cpu", "--steps", "1", "--max-seconds", "0.5",
+               "--image", str(media_dir / "portrait.png"), "--audio", str(media_dir / "speaker1.wav"),
+               "--output", str(out)])
+    err = capfd.readouterr().err
+    assert rc == 0, err
+    assert err.count("loading tiny") == 1  # the other rank prints nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two_ranks.mp4"]
+    assert probe_mp4(out)["frames"].shape[0] == 12  # 0.5 s at 25 fps
+
+    rc = main(["generate", "--model", "tiny", "--gpus", "3", "--device", "cpu", "--image", str(media_dir / "portrait.png"),
+               "--audio", str(media_dir / "speaker1.wav"), "--output", str(tmp_path / "three.mp4")])
+    err = capfd.readouterr().err
+    assert rc == 2 and "3 GPUs cannot share this job" in err and "Traceback" not in err
