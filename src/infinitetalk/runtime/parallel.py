@@ -64,7 +64,8 @@ class Layout:
         return f"{self.branch_groups} branch group(s) x {self.sequence} sequence rank(s)"
 
 
-def _valid(world: int, g: int, branches: int, heads: int, frames: int) -> bool:
+def layout_fits(world: int, g: int, branches: int, heads: int, frames: int) -> bool:
+    """Whether `world` ranks can form `g` branch groups for this job."""
     return world % g == 0 and g <= branches and heads % (world // g) == 0 and world // g <= frames
 
 
@@ -75,7 +76,7 @@ def plan_layout(world: int, branches: int, heads: int, frames: int, branch_group
     """
     if world < 1:
         raise InputError(f"The number of GPUs must be at least 1, got {world}.")
-    options = [g for g in range(1, world + 1) if _valid(world, g, branches, heads, frames)]
+    options = [g for g in range(1, world + 1) if layout_fits(world, g, branches, heads, frames)]
     if branch_groups is not None:
         if branch_groups not in options:
             raise InputError(
@@ -86,7 +87,7 @@ def plan_layout(world: int, branches: int, heads: int, frames: int, branch_group
             )
         return Layout(branch_groups, world // branch_groups)
     if not options:
-        works = [w for w in range(1, 4 * heads + 1) if any(_valid(w, g, branches, heads, frames) for g in range(1, w + 1))]
+        works = [w for w in range(1, 4 * heads + 1) if any(layout_fits(w, g, branches, heads, frames) for g in range(1, w + 1))]
         raise InputError(
             f"{world} GPUs cannot share this job: the sequence ranks of a branch group must divide the model's "
             f"{heads} attention heads and the {branches} guidance branches form at most {branches} groups; use "
