@@ -241,3 +241,28 @@ def test_cli_gpus_starts_the_ranks_and_only_rank_0_writes(media_dir, tmp_path, c
                "--audio", str(media_dir / "speaker1.wav"), "--output", str(tmp_path / "three.mp4")])
     err = capfd.readouterr().err
     assert rc == 2 and "3 GPUs cannot share this job" in err and "Traceback" not in err
+
+
+def _world_of_one():
+    from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig
+    from infinitetalk.runtime.fast import GuidedDiT
+    from infinitetalk.runtime.tiny_models import random_init_
+
+    cfg = WanDiTConfig.tiny()
+    model = random_init_(InfiniteTalkDiT(cfg).eval(), torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 3, 4, 8, generator=g)
+    kwargs = dict(context=torch.randn(6, cfg.text_dim, generator=g), context_null=torch.randn(3, cfg.text_dim, generator=g),
+                  clip_fea=torch.randn(1, 257, cfg.clip_dim, generator=g), y=torch.randn(20, 3, 4, 8, generator=g),
+                  audio=torch.randn(1, 9, cfg.audio_window, cfg.audio_layers, cfg.audio_channels, generator=g))
+    t = torch.tensor([300.0])
+    plain = GuidedDiT(model, ("cond", "drop_audio"), **kwargs)
+    par = ParallelContext().guided_dit(model, ("cond", "drop_audio"), **kwargs)
+    want = {b: plain.predict_branch(x, t, b) for b in ("cond", "drop_audio")}
+    return want, par.predict_step(x, t, {}), par.predict_branch(x, t, "cond")
+
+
+def test_one_rank_is_the_plain_path_bit_for_bit():
+    want, step, branch = run_ranks(_world_of_one, world=1, device="cpu")
+    assert all(torch.equal(step[b], want[b]) for b in want)
+    assert torch.equal(branch, want["cond"])
