@@ -266,3 +266,31 @@ def test_one_rank_is_the_plain_path_bit_for_bit():
     want, step, branch = run_ranks(_world_of_one, world=1, device="cpu")
     assert all(torch.equal(step[b], want[b]) for b in want)
     assert torch.equal(branch, want["cond"])
+
+
+def _cuda_parity():
+    from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig
+    from infinitetalk.runtime.fast import FastOptions, GuidedDiT, make_fast
+    from infinitetalk.runtime.tiny_models import random_init_
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    cfg = WanDiTConfig.tiny()
+    model = random_init_(InfiniteTalkDiT(cfg).eval(), torch.Generator().manual_seed(1)).to(device)
+    make_fast(model, FastOptions(compile_blocks=False))
+    g = torch.Generator().manual_seed(2)
+    kwargs = {k: v.to(device) for k, v in dict(
+        context=torch.randn(6, cfg.text_dim, generator=g), context_null=torch.randn(3, cfg.text_dim, generator=g),
+        clip_fea=torch.randn(1, 257, cfg.clip_dim, generator=g), y=torch.randn(20, 5, 4, 8, generator=g),
+        audio=torch.randn(1, 17, cfg.audio_window, cfg.audio_layers, cfg.audio_channels, generator=g)).items()}
+    x, t = torch.randn(16, 5, 4, 8, generator=g).to(device), torch.tensor([700.0], device=device)
+    branches = ("cond", "drop_audio")
+    want = GuidedDiT(model, branches, **kwargs).predict(x, t)
+    got = ParallelContext(branch_groups=1).guided_dit(model, branches, **kwargs).predict_step(x, t, {})
+    return max(((got[b] - want[b]).abs().max() / want[b].abs().max()).item() for b in branches)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_sequence_parallel_equals_one_gpu():
+    """Two GPUs with NCCL (spawned ranks), the fast path in float32 weights: round-off only."""
+    assert run_ranks(_cuda_parity, world=2, device="cuda") <= 1e-4
