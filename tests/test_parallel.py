@@ -1,7 +1,7 @@
 """One video on several ranks (runtime.parallel) against one process, on the CPU with gloo.
 
-Four forked ranks (`run_ranks(..., device="cpu")`) run every layout on the same tiny random
-models as the reference: sequence 2 and branches 2 (side by side on ranks {0, 1} and {2, 3}),
+Four forked ranks (`run_ranks(..., device="cpu", start_method="fork")`) run every layout on the
+same tiny random models as the reference: sequence 2 and branches 2 (side by side on ranks {0, 1} and {2, 3}),
 sequence 4, branches 2 x sequence 2; one and two speakers; TeaCache skipping; and a resume of a
 job interrupted after its first window. Bounds (float32 round-off): DiT predictions relative
 max |diff| <= 1e-5; the decoded float frames <= 1e-4 (of max |frame|); the uint8 frames differ
@@ -105,7 +105,7 @@ def runs(media_dir, tmp_path_factory):
         pipe.generate(resumed, *jobs["resume"], progress=_stop_after_first_window)
     assert (folder / "resumed.mp4.job" / "state.pt").is_file() and not resumed.exists()
 
-    parallel = run_ranks(_rank_worker, (pipe, jobs, resumed), world=4, device="cpu")
+    parallel = run_ranks(_rank_worker, (pipe, jobs, resumed), world=4, device="cpu", start_method="fork")
     return {"reference": reference, "parallel": parallel, "straight": straight, "resumed": resumed}
 
 
@@ -171,7 +171,7 @@ def _fails_on_rank_1():
 
 def test_a_failing_rank_ends_the_job_with_its_sentence():
     with pytest.raises(RankFailedError, match="^Rank one cannot read its input; check the file.$") as err:
-        run_ranks(_fails_on_rank_1, world=2, device="cpu")
+        run_ranks(_fails_on_rank_1, world=2, device="cpu", start_method="fork")
     assert err.value.exit_code == 2
 
 
@@ -212,35 +212,13 @@ def test_dit_predictions_equal_one_process(fp8):
     activation across an e4m3 rounding step (2^-4 relative), so the bound there is 1e-2."""
     bound = 1e-2 if fp8 else 1e-5
     want = _model_parity(fp8)
-    got = run_ranks(_model_parity, (fp8,), world=4, device="cpu")
+    got = run_ranks(_model_parity, (fp8,), world=4, device="cpu", start_method="fork")
     for groups in (1, 2):
         for branch, pred in want.items():
             rel = (got[groups][branch] - pred).abs().max().item() / pred.abs().max().item()
             assert rel <= bound, (groups, branch, rel)
     rel = (got["raw"] - want["cond"]).abs().max().item() / want["cond"].abs().max().item()
     assert rel <= bound, rel
-
-
-@pytest.mark.slow
-def test_cli_gpus_starts_the_ranks_and_only_rank_0_writes(media_dir, tmp_path, capfd):
-    """The real command with two CPU ranks (the tiny model's default 81-frame window at 128 px)."""
-    from infinitetalk.cli import main
-    from test_e2e_tiny import probe_mp4
-
-    out = tmp_path / "two_ranks.mp4"
-    rc = main(["generate", "--model", "tiny", "--gpus", "2", "--device", "cpu", "--steps", "1", "--max-seconds", "0.5",
-               "--image", str(media_dir / "portrait.png"), "--audio", str(media_dir / "speaker1.wav"),
-               "--output", str(out)])
-    err = capfd.readouterr().err
-    assert rc == 0, err
-    assert err.count("loading tiny") == 1  # the other rank prints nothing
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["two_ranks.mp4"]
-    assert probe_mp4(out)["frames"].shape[0] == 12  # 0.5 s at 25 fps
-
-    rc = main(["generate", "--model", "tiny", "--gpus", "3", "--device", "cpu", "--image", str(media_dir / "portrait.png"),
-               "--audio", str(media_dir / "speaker1.wav"), "--output", str(tmp_path / "three.mp4")])
-    err = capfd.readouterr().err
-    assert rc == 2 and "3 GPUs cannot share this job" in err and "Traceback" not in err
 
 
 def _world_of_one():
@@ -263,7 +241,7 @@ def _world_of_one():
 
 
 def test_one_rank_is_the_plain_path_bit_for_bit():
-    want, step, branch = run_ranks(_world_of_one, world=1, device="cpu")
+    want, step, branch = run_ranks(_world_of_one, world=1, device="cpu", start_method="fork")
     assert all(torch.equal(step[b], want[b]) for b in want)
     assert torch.equal(branch, want["cond"])
 
@@ -294,3 +272,31 @@ def _cuda_parity():
 def test_nccl_sequence_parallel_equals_one_gpu():
     """Two GPUs with NCCL (spawned ranks), the fast path in float32 weights: round-off only."""
     assert run_ranks(_cuda_parity, world=2, device="cuda") <= 1e-4
+
+
+@pytest.mark.slow
+def test_cli_gpus_starts_the_ranks_and_only_rank_0_writes(media_dir, tmp_path, capfd):
+    """The real command with two CPU ranks (the tiny model's default 81-frame window at 128 px).
+
+    Last in this file: the ranks are spawned, and a fork of this process after the command ran
+    (its media decoding included) can inherit a held lock, so no forked test follows it."""
+    from infinitetalk.cli import main
+    from test_e2e_tiny import probe_mp4
+
+    out = tmp_path / "two_ranks.mp4"
+    rc = main(["generate", "--model", "tiny", "--gpus", "2", "--device", "cpu", "--steps", "1", "--max-seconds", "0.5",
+               "--image", str(media_dir / "portrait.png"), "--audio", str(media_dir / "speaker1.wav"),
+               "--output", str(out)])
+    err = capfd.readouterr().err
+    assert rc == 0, err
+    assert err.count("loading tiny") == 1  # the other rank prints nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two_ranks.mp4"]
+    assert probe_mp4(out)["frames"].shape[0] == 12  # 0.5 s at 25 fps
+
+    # two guidance branches: 3 ranks form neither 3 groups nor sequence groups that split 4 heads
+    rc = main(["generate", "--model", "tiny", "--gpus", "3", "--text-guide-scale", "1", "--device", "cpu",
+               "--image", str(media_dir / "portrait.png"),
+               "--audio", str(media_dir / "speaker1.wav"), "--output", str(tmp_path / "three.mp4")])
+    err = capfd.readouterr().err
+    assert rc == 2 and "3 GPUs cannot share this job" in err and "Traceback" not in err
+

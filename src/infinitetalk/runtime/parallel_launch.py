@@ -3,9 +3,10 @@
 * `run_ranks(fn, args, world=N, device="cuda")` starts N processes (torch.multiprocessing),
   initialises torch.distributed in each (NCCL on CUDA, one GPU per rank: cuda:0 .. cuda:N-1;
   gloo with `device="cpu"`: N CPU processes, which is how the tests run the parallel code),
-  calls `fn(*args)` in every rank and returns rank 0's result. CUDA ranks are spawned (a
-  forked process cannot use CUDA); CPU ranks are forked where the platform can (no second
-  import of torch per rank).
+  calls `fn(*args)` in every rank and returns rank 0's result. Ranks are spawned (fresh
+  interpreters: a forked process cannot use CUDA, and a fork of a process whose media threads
+  ran may inherit a held lock). `start_method="fork"` (CPU only) skips the second import of
+  torch per rank and shares the caller's objects without pickling; the tests use it.
 * A rank that raises an InfiniteTalkError reports its sentence and exits; the other ranks are
   stopped and `run_ranks` raises `RankFailedError` with that sentence and exit code, so the CLI
   prints one clean error. Any other exception is an internal error and comes back as a
@@ -90,11 +91,14 @@ def _drain(results, into: list) -> None:
 
 def run_ranks(fn: Callable, args: Sequence = (), *, world: int, device: str = "cuda",
               start_method: Optional[str] = None) -> Any:
-    """Run `fn(*args)` on `world` new ranks of one job; return rank 0's result (see module doc)."""
+    """Run `fn(*args)` on `world` new ranks of one job; return rank 0's result (see module doc).
+
+    `fn` and `args` must be picklable unless `start_method="fork"`."""
     device_type = torch.device(device).type
     check_world(world, device_type)
-    if start_method is None:
-        start_method = "fork" if device_type == "cpu" and "fork" in mp.get_all_start_methods() else "spawn"
+    start_method = start_method or "spawn"
+    if start_method == "fork" and device_type == "cuda":
+        raise ValueError("CUDA ranks cannot be forked; use start_method='spawn'")
     results = mp.get_context(start_method).SimpleQueue()
     port = _free_port()
     context = mp.start_processes(_rank_entry, args=(world, device_type, port, fn, tuple(args), results),
