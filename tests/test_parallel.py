@@ -278,8 +278,7 @@ def test_nccl_sequence_parallel_equals_one_gpu():
 def test_cli_gpus_starts_the_ranks_and_only_rank_0_writes(media_dir, tmp_path, capfd):
     """The real command with two CPU ranks (the tiny model's default 81-frame window at 128 px).
 
-    Last in this file: the ranks are spawned, and a fork of this process after the command ran
-    (its media decoding included) can inherit a held lock, so no forked test follows it."""
+    Last in this file: its ranks are spawned (fresh interpreters), the others are forked."""
     from infinitetalk.cli import main
     from test_e2e_tiny import probe_mp4
 

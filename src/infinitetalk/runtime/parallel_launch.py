@@ -64,13 +64,15 @@ def check_world(world: int, device_type: str) -> None:
         raise InputError(f"Several ranks run on 'cuda' or 'cpu' devices, not {device_type!r}.")
 
 
-def _rank_entry(rank: int, world: int, device_type: str, port: int, fn: Callable, args: Sequence, results) -> None:
+def _rank_entry(rank: int, world: int, device_type: str, port: int, fn: Callable, args: Sequence, results,
+                forked: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     if device_type == "cuda":
         torch.cuda.set_device(rank)
-    else:
-        # N CPU ranks share the cores: one thread each avoids oversubscription
+    elif forked:  # an OpenMP pool inherited through fork can hang when it is used with > 1 thread
+        torch.set_num_threads(1)
+    else:  # N CPU ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(backend_for(device_type), rank=rank, world_size=world)
     try:
@@ -101,7 +103,7 @@ def run_ranks(fn: Callable, args: Sequence = (), *, world: int, device: str = "c
         raise ValueError("CUDA ranks cannot be forked; use start_method='spawn'")
     results = mp.get_context(start_method).SimpleQueue()
     port = _free_port()
-    context = mp.start_processes(_rank_entry, args=(world, device_type, port, fn, tuple(args), results),
+    context = mp.start_processes(_rank_entry, args=(world, device_type, port, fn, tuple(args), results, start_method == "fork"),
                                  nprocs=world, join=False, start_method=start_method)
     messages: list = []
     try:
