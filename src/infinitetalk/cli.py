@@ -150,6 +150,12 @@ def _add_generate(sub) -> None:
                        help="VRAM the job may use: DiT blocks stream from host memory and the other models sit on "
                             "the GPU only while they run (default auto: the GPU's free memory; see "
                             "`infinitetalk info --vram GB` for the plan)")
+    par = p.add_argument_group("several GPUs")
+    par.add_argument("--gpus", type=int, default=None, metavar="N",
+                     help="share each step over N GPUs (cuda:0..N-1; with --device cpu: N CPU processes, for "
+                          "tests); torchrun -m infinitetalk generate ... works too")
+    par.add_argument("--branch-groups", type=int, default=None, metavar="G",
+                     help="run the guidance branches on G groups of GPUs (default: chosen from N and the branches)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -278,9 +284,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
             display(event)
 
     token = CancelToken()
+    service = JobService()
+    world = _parallel_world(args, spec)
+    if world > 1:  # several ranks: start them (this process returns their result) or be one of them
+        import torch
+
+        from .runtime.parallel import ParallelContext
+        from .runtime.parallel_launch import rank_device, start_or_join
+
+        device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+        launched = start_or_join(cmd_generate, args, world, device_type)
+        if launched is not None:
+            return launched
+        parallel = ParallelContext(branch_groups=args.branch_groups)
+        spec = spec.with_(runtime=spec.runtime.with_(device=str(rank_device(device_type))))
+        service = JobService(parallel=parallel)
+        if not parallel.is_leader:
+            display = None
     try:
         with _ctrl_c_cancels(token):
-            JobService().run(spec, progress=on_event, cancel=token)
+            service.run(spec, progress=on_event, cancel=token)
     except (errors.JobCancelledError, KeyboardInterrupt):
         if display is not None:
             display.close()
@@ -344,6 +367,22 @@ def _cancelled_message(output: str, windows: Optional[int], argv: Optional[list]
     else:
         kept = "no window was finished yet"
     return f"cancelled: {kept}; no video was written. To continue, run:\n  {_resume_command(argv)}"
+
+
+def _parallel_world(args: argparse.Namespace, spec) -> int:
+    """The job's rank count (--gpus or torchrun), its layout checked before anything starts."""
+    from .runtime.parallel_launch import requested_world
+    from .service.runner import resolve_config
+
+    world = requested_world(getattr(args, "gpus", None))
+    if world > 1 or getattr(args, "branch_groups", None):
+        cfg = resolve_config(spec)
+        from .generation.guidance import branches_for
+        from .runtime.parallel import model_heads, plan_layout
+
+        plan_layout(world, len(branches_for(cfg.text_guide_scale)), model_heads(args.model), cfg.latent_frames,
+                    args.branch_groups)
+    return world
 
 
 def _loras(args: argparse.Namespace) -> list:

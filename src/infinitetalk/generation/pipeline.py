@@ -167,6 +167,7 @@ class Components:
         if self.offload is None or module is None:
             return contextlib.nullcontext(module)
         return self.offload.placed(module)
+    parallel: Optional[object] = None  # runtime.parallel.ParallelContext when several ranks share the job
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ class InfiniteTalk:
         files: Optional["ComponentFiles"] = None,
         vram_budget: Union[float, str, None] = "auto",
         vram_size: int = 720,
+        parallel: Optional[object] = None,
     ) -> "InfiniteTalk":
         """Load every model.
 
@@ -289,6 +291,8 @@ class InfiniteTalk:
         and moves the other models onto the GPU only while they run (see `offload_plan`); a
         number on the CPU builds and applies the plan too. vram_size: the size bucket set (480 or
         720) the plan must fit (its largest bucket; default 720 fits every job).
+        parallel: a `runtime.parallel.ParallelContext` (every rank of the job calls this): the
+        ranks share each step; the text encoder, CLIP and wav2vec2 load and run on its first rank.
         """
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype if dtype is not None else default_dtype(dev)
@@ -307,8 +311,9 @@ class InfiniteTalk:
                 raise InputError("LoRAs change the official 14B weights; the tiny random model takes none.")
             components = cls._tiny_components(seed, place, dt, variant, fp8)
         else:
+            encoders = parallel is None or parallel.is_leader
             components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, files,
-                                                  place)
+                                                  place, encoders)
         components.runtime = runtime_settings(fp8, loras, fp8_attention, fast=use_fast)
         if offload is not None:
             offload.prepare_dit(components.dit)
@@ -326,6 +331,8 @@ class InfiniteTalk:
             components.dit.ffn_chunks = offload.plan.ffn_chunks
             offload.attach(components)
             components.offload = offload
+        if parallel is not None:
+            parallel.wrap_components(components, dev)
         return cls(components, dev, dt)
 
     @staticmethod
@@ -376,6 +383,7 @@ class InfiniteTalk:
         fast: bool = False,
         files: Optional["ComponentFiles"] = None,
         place: Optional[torch.device] = None,
+        encoders: bool = True,
     ) -> Components:
         from ..weights.audio_loader import load_audio_encoder
         from ..weights.clip_loader import load_clip_vision
@@ -397,8 +405,8 @@ class InfiniteTalk:
 
             raise MissingWeightsError(f"LoRA file not found: {', '.join(missing)}.", missing=missing)
         dit = load_dit(layout.dit, layout.adapter, device=place, dtype=dtype, loras=loras, fp8=fp8).eval()
-        text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=place, dtype=dtype)
-        clip = load_clip_vision(layout.clip, device=place, dtype=clip_dtype).eval()
+        text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=place, dtype=dtype) if encoders else None
+        clip = load_clip_vision(layout.clip, device=place, dtype=clip_dtype).eval() if encoders else None
         vae_fast = None
         if fast and device.type == "cuda":
             from ..models.vae import VAEFastOptions
@@ -406,7 +414,8 @@ class InfiniteTalk:
             vae_fast = VAEFastOptions()  # with the VAE in bf16
         vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
         vae = load_vae(layout.vae, device=place, dtype=vae_dtype).eval()
-        audio = load_audio_encoder(layout.wav2vec2, device=place, dtype=torch.float32, config_dir=layout.audio_config).eval()
+        audio = (load_audio_encoder(layout.wav2vec2, device=place, dtype=torch.float32, config_dir=layout.audio_config)
+                 .eval() if encoders else None)
         return Components(
             dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False,
             vae_chunk_latents=None if vae_fast is not None else 1, vae_fast=vae_fast,
@@ -515,7 +524,14 @@ class InfiniteTalk:
         plan = self.plan(inputs, config)
         tracker = progress if isinstance(progress, ProgressTracker) else ProgressTracker(progress, cancel)
         job = JobDir(output)
+        par = self.components.parallel
+        if par is not None and not par.is_leader:  # the other ranks compute; only the first one writes
+            for _ in self._run(inputs, config, plan, ProgressTracker(None, cancel), par.broadcast_object()):
+                pass
+            return output
         state = job.start(self._job_settings(inputs, config) if settings is None else settings, resume)
+        if par is not None:
+            par.broadcast_object(state)
         first = state.next_window if state is not None else 0
         self._job_started(tracker, inputs, config, plan, first)
         if state is not None:
@@ -624,7 +640,8 @@ class InfiniteTalk:
                 audio = self._audio_for(features, window, cfg.frame_num)
                 noise = draw_window_noise((16, latent_frames, lat_h, lat_w), generator, self.device)
                 # text/CLIP keys and values are computed once per window, not per step
-                denoiser = GuidedDiT(
+                make_denoiser = c.parallel.guided_dit if c.parallel is not None else GuidedDiT
+                denoiser = make_denoiser(
                     c.dit, branches, context=context, context_null=context_null, clip_fea=clip_fea, y=y,
                     audio=audio, ref_target_masks=masks if audio.shape[0] == 2 else None,
                     cache_conditions=self._cache_conditions(),
@@ -633,6 +650,7 @@ class InfiniteTalk:
                 latent = sample_window(
                     denoiser.predict_branch, noise, motion, window.motion_latent_frames, cfg, generator, tracker,
                     first_window=window.is_first, timestep_modulation=modulation,
+                    step_fn=getattr(denoiser, "predict_step", None),
                 )
                 del denoiser  # its cached keys and values are not needed by the decode
                 tiling = c.offload.plan.decode_tiling() if c.offload is not None else None

@@ -233,8 +233,10 @@ class JobService:
     One job runs at a time per service (a lock); run one service per GPU.
     """
 
-    def __init__(self, max_models: int = 1, loader: Optional[Callable[[ModelSettings], object]] = None):
+    def __init__(self, max_models: int = 1, loader: Optional[Callable[[ModelSettings], object]] = None,
+                 parallel: Optional[object] = None):
         self.max_models = max(1, int(max_models))
+        self.parallel = parallel  # runtime.parallel.ParallelContext: this process is one rank of a job
         self._loader = loader or self._load
         self._pipes: "OrderedDict[ModelSettings, object]" = OrderedDict()
         self._lock = threading.Lock()
@@ -265,8 +267,7 @@ class JobService:
         return PreparedJob(spec, output, inputs, cfg, plan, model, key)
 
     # ---- models --------------------------------------------------------------------------
-    @staticmethod
-    def _load(settings: ModelSettings):
+    def _load(self, settings: ModelSettings):
         from ..generation.pipeline import InfiniteTalk
 
         files = component_files(settings) if settings.model != "tiny" and not _is_hub_id(settings.weights) else None
@@ -274,6 +275,7 @@ class JobService:
             settings.weights, device=settings.device, dtype=settings.torch_dtype, variant=settings.variant,
             model=settings.model, fast=settings.fast, fp8=settings.fp8, loras=settings.loras,
             fp8_attention=settings.fp8_attention, files=files, vram_budget=settings.vram, vram_size=settings.vram_size,
+            parallel=self.parallel,
         )
 
     def pipeline(self, settings: ModelSettings, tracker: Optional[ProgressTracker] = None):

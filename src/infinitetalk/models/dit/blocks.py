@@ -218,7 +218,8 @@ class WanAttentionBlock(nn.Module):
 
         x = x + self.cross_attn(self.norm3(x), context_kv, attention)
 
-        positions = speaker_positions(ref_map) if ref_map is not None else None
+        # a routing map may bring its own positions rule (sequence parallel: global min/max)
+        positions = getattr(routing_map, "speaker_positions", speaker_positions)(ref_map) if ref_map is not None else None
         x = x + self.audio_cross_attn(self.norm_x(x), audio_kv, frames, attention, positions)
 
         if ffn_chunks > 1:
