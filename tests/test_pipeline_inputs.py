@@ -10,7 +10,7 @@ from infinitetalk.config import GenerationConfig
 from infinitetalk.errors import InputError, ResumeError
 from infinitetalk.generation.inputs import GenerationRequest, parse_box, prepare_inputs, read_input_json
 from infinitetalk.generation.job_state import JobDir, JobState
-from infinitetalk.generation.pipeline import config_for
+from infinitetalk.generation.components import config_for
 
 
 def test_official_json_bbox_rows_become_our_x_horizontal(tmp_path, media_dir):

@@ -384,7 +384,7 @@ class ModulePlacer:
 
 
 class Offloader:
-    """Carries out an `OffloadPlan` on the pipeline's models (`generation.pipeline.Components`).
+    """Carries out an `OffloadPlan` on the pipeline's models (`generation.components.Components`).
 
     Use: load every model on the host, `prepare_dit(dit)` (non-block parts and resident blocks to
     the device), apply the speed path (`runtime.fast.make_fast`), then `attach(components)` (the

@@ -85,7 +85,7 @@ class JobResult:
 
 def resolve_config(spec: JobSpec) -> GenerationConfig:
     """The GenerationConfig of a job: preset, then explicit fields, then the model's defaults."""
-    from ..generation.pipeline import config_for
+    from ..generation.components import config_for
 
     settings = spec.settings()
     if spec.max_seconds is not None:
@@ -157,7 +157,7 @@ def _vram(value) -> Union[float, str, None]:
 
 
 def resolve_model(spec: JobSpec, speakers: int, size: int = 720) -> ModelSettings:
-    from ..generation.pipeline import MODEL_NAMES, default_dtype
+    from ..generation.components import MODEL_NAMES, default_dtype
 
     rt = spec.runtime
     if rt.model not in MODEL_NAMES:
@@ -217,7 +217,7 @@ def resume_key(inputs, cfg: GenerationConfig, model: ModelSettings) -> dict:
     """Everything that decides the video of a job, and nothing else (the output path, the
     weights folder's location, the progress display are not in it). Built in this one place;
     `InfiniteTalk.generate` uses the same `job_settings` for jobs started from Python."""
-    from ..generation.pipeline import job_settings, runtime_settings
+    from ..generation.components import job_settings, runtime_settings
 
     runtime = runtime_settings(model.fp8, model.loras, model.fp8_attention, fast=model.fast)
     if model.files:  # a file of another format (GGUF, fp8-scaled) gives another video
