@@ -71,6 +71,14 @@ def choose_bucket(src_h: int, src_w: int, buckets: dict[str, tuple[int, int]]) -
     return buckets[key]
 
 
+def bucket_hw(value) -> tuple[int, int]:
+    """(h, w) of a bucket entry: (h, w) or the official [[h, w], 1]."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], (list, tuple)):
+        value = value[0]
+    h, w = (int(v) for v in value)
+    return h, w
+
+
 def _cover_size(src_h: int, src_w: int, target_h: int, target_w: int) -> tuple[int, int]:
     scale = max(target_h / src_h, target_w / src_w)
     return math.ceil(scale * src_h), math.ceil(scale * src_w)
@@ -115,7 +123,7 @@ class VideoFrameReader:
     def __init__(self, path: PathLike):
         self.path = regular_file(path, "video", MediaError)
         if sniff_svg(self.path):
-            raise svg_error(self.path, "--image after converting")
+            raise svg_error(self.path, "--image")
         try:
             self._container = av.open(str(self.path))
         except (av.error.FFmpegError, OSError) as err:
@@ -256,6 +264,8 @@ def validate_box(box: Sequence[float], src_w: int, src_h: int, who: str = "speak
     """Check a pixel box (x_min, y_min, x_max, y_max) against the image size; return it as ints."""
     if len(box) != 4:
         raise InputError(f"The box of {who} must have 4 numbers x_min,y_min,x_max,y_max, got {list(box)}.")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+        raise InputError(f"The box of {who} must be four finite pixel numbers x_min,y_min,x_max,y_max, got {list(box)}.")
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 <= src_w and 0 <= y0 < y1 <= src_h):
         raise InputError(

@@ -24,7 +24,7 @@ import av
 import numpy as np
 
 from ..config import AUDIO_SAMPLE_RATE, FPS
-from ..errors import MediaError
+from ..errors import MediaError, storage_error
 from .writer import VideoWriter, to_uint8_frames
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,10 @@ def write_segment(path: PathLike, frames, fps: int = FPS, options: Optional[dict
                 out.mux(stream.encode(frame))
             out.mux(stream.encode(None))
         os.replace(temp, path)
-    except (av.error.FFmpegError, OSError) as err:
+    except OSError as err:  # PyAV's errno errors are OSErrors too (disk full, read-only, ...)
+        temp.unlink(missing_ok=True)
+        raise storage_error(path, err) from err
+    except av.error.FFmpegError as err:
         temp.unlink(missing_ok=True)
         raise MediaError(f"Writing the video segment {path} failed: {err}") from err
     except BaseException:
@@ -193,7 +196,10 @@ def concat_segments(
                 track.write_until(frames * sample_rate // fps)
             track.flush()
         os.replace(temp, output)
-    except (av.error.FFmpegError, OSError) as err:
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise storage_error(output, err) from err
+    except av.error.FFmpegError as err:
         temp.unlink(missing_ok=True)
         raise MediaError(f"Assembling {output} from its segments failed: {err}") from err
     except BaseException:

@@ -93,3 +93,10 @@ def soundtrack(tracks: SpeakerTracks) -> Optional[tuple[np.ndarray, int]]:
     np.clip(mix, -1.0, 1.0, out=mix)
     log.info("sound track: %d Hz, %d channel(s), %d speaker(s)", rate, channels, len(waves))
     return mix, rate
+
+
+def sound_track(tracks: SpeakerTracks, official: bool = False) -> tuple[np.ndarray, int]:
+    """(audio, rate) for the output: the original sound (`soundtrack`), or with `official` (or
+    when the speech did not come from files) the 16 kHz mono mix the model heard."""
+    found = None if official else soundtrack(tracks)
+    return found if found is not None else (tracks.mix, tracks.sample_rate)

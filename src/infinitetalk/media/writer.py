@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from infinitetalk.config import AUDIO_SAMPLE_RATE, FPS
-from infinitetalk.errors import MediaError
+from infinitetalk.errors import MediaError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,10 @@ class VideoWriter:
                 self._container.mux(self._video.encode(frame))
                 self.frames_written += 1
             self._write_audio(self._audio_target())
-        except (av.error.FFmpegError, OSError) as err:
+        except OSError as err:
+            self.abort()
+            raise storage_error(self.path, err) from err
+        except av.error.FFmpegError as err:
             self.abort()
             raise MediaError(f"Writing {self.path} failed: {err}") from err
 
@@ -153,7 +156,10 @@ class VideoWriter:
             self._container.close()
             self._closed = True
             os.replace(self.temp_path, self.path)
-        except (av.error.FFmpegError, OSError) as err:
+        except OSError as err:
+            self.abort()
+            raise storage_error(self.path, err) from err
+        except av.error.FFmpegError as err:
             self.abort()
             raise MediaError(f"Finishing {self.path} failed: {err}") from err
         log.info("wrote %s (%d frames, %.2f s)", self.path, self.frames_written, self.frames_written / self.fps)

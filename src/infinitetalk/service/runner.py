@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,7 +28,9 @@ import torch
 from ..config import FPS, GenerationConfig
 from ..errors import DeviceOutOfMemoryError, InfiniteTalkError, InputError, JobCancelledError
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
+from ..generation.job_state import OutputLock
 from .job import JobSpec
+from .validate import check_variant
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class PreparedJob:
     plan: object  # generation.windows.WindowPlan
     model: ModelSettings
     key: dict  # the resume key (see resume_key)
+    notices: list = field(default_factory=list)  # what the job ignores or cuts (Notice events)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
     variant = rt.variant or ("multi" if speakers == 2 else "single")
     if variant not in ("single", "multi"):
         raise InputError(f"Unknown adapter variant {variant!r}; use single or multi.")
+    check_variant(variant, speakers)
     device = resolve_device(rt.device)
     if rt.dtype is not None and rt.dtype not in DTYPES:
         raise InputError(f"Unknown dtype {rt.dtype!r}; use one of: {', '.join(sorted(DTYPES))}.")
@@ -197,25 +201,41 @@ class JobService:
 
     # ---- checking ------------------------------------------------------------------------
     def check(self, spec: JobSpec) -> PreparedJob:
-        """Validate and decode everything of `spec` without loading a model (typed errors)."""
+        """Validate and decode everything of `spec` without loading a model (typed errors):
+        fields and ranges, paths (the output never an input), inputs, model choice, the job
+        folder (lock, resume state verified, finished windows never discarded silently), and
+        the output folder's writability and free space (see `service.validate`)."""
         from ..generation.inputs import prepare_inputs
-        from ..generation.job_state import JobDir
+        from ..generation.job_state import JobDir, OutputLock
         from ..generation.pipeline import InfiniteTalk
+        from . import validate
 
         if not spec.output:
             raise InputError("Give the output file with --output PATH (an .mp4).")
+        validate.check_fields(spec)
         output = Path(spec.output).expanduser()
-        if output.is_dir():
-            raise InputError(f"The output {output} is a folder; give a file name such as {output / 'talk.mp4'}.")
         request = build_request(spec)
+        validate.check_output(output, validate.input_paths(spec, request))
         cfg = resolve_config(spec)
         inputs = prepare_inputs(request, cfg)
         model = resolve_model(spec, request.speakers)
         key = resume_key(inputs, cfg, model)
-        if spec.resume:
-            JobDir(output).check_resumable(key)
+        busy = OutputLock.holder(output)
+        if busy:
+            from ..errors import OutputBusyError
+
+            raise OutputBusyError(busy)
+        job = JobDir(output)
+        job.check_start(key, spec.resume, spec.restart)
         plan = InfiniteTalk.plan(inputs, cfg)
-        return PreparedJob(spec, output, inputs, cfg, plan, model, key)
+        done_bytes = 0
+        if spec.resume and job.exists():
+            h, w = inputs.target_hw
+            state = job.verify(plan, (3, cfg.motion_frame, h, w), model.device)
+            done_bytes = sum(job.segment_path(i).stat().st_size for i in range(state.next_window)) if state else 0
+        validate.check_storage(output, plan, inputs.target_hw, done_bytes)
+        notes = validate.notices(spec, request, inputs, plan, cfg)
+        return PreparedJob(spec, output, inputs, cfg, plan, model, key, notes)
 
     # ---- models --------------------------------------------------------------------------
     @staticmethod
@@ -263,17 +283,22 @@ class JobService:
                 if job.model.model == "tiny":
                     tracker.notice("the tiny model uses small RANDOM weights: the video is noise, not a face "
                                    "(for trying the tool and for tests)", level="warning")
+                for note in job.notices:
+                    tracker.notice(note, level="warning")
                 tracker.check_cancel()
-                pipe = self.pipeline(job.model, tracker)
-                tracker.check_cancel()
-                try:
-                    path = pipe.generate(job.output, inputs=job.inputs, config=job.config, progress=tracker,
-                                         resume=spec.resume, cancel=cancel, settings=job.key)
-                except OUT_OF_MEMORY as err:
-                    raise DeviceOutOfMemoryError(
-                        "The GPU ran out of memory; use a smaller --size, fewer speakers, --fp8, or a GPU with more "
-                        "memory (the finished windows are kept: add --resume to continue)."
-                    ) from err
+                with OutputLock(job.output) as lock:  # before the models load: a busy output fails fast
+                    pipe = self.pipeline(job.model, tracker)
+                    tracker.check_cancel()
+                    try:
+                        path = pipe.generate(job.output, inputs=job.inputs, config=job.config, progress=tracker,
+                                             resume=spec.resume, cancel=cancel, settings=job.key,
+                                             restart=spec.restart, lock=lock,
+                                             sound="official" if spec.official_sound else "original")
+                    except OUT_OF_MEMORY as err:
+                        raise DeviceOutOfMemoryError(
+                            "The GPU ran out of memory; use a smaller --size, fewer speakers, --fp8, or a GPU with "
+                            "more memory (the finished windows are kept: add --resume to continue)."
+                        ) from err
         except JobCancelledError as err:
             nxt = _finished_windows(Path(spec.output).expanduser())
             tracker.cancelled(str(err), nxt, resumable=nxt > 0)
