@@ -93,9 +93,6 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def check_output(output: Path, inputs: list[Path]) -> None:
     """The output name, and that writing it (or its job folder) cannot touch an input."""
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise InputError(f"The output {output} must be an .mp4 file (the video is written as MP4); for example "
-                         f"{output.with_suffix('.mp4').name}.")
     if output.is_dir():
         raise InputError(f"The output {output} is a folder; give a file name such as {output / 'talk.mp4'}.")
     out_real = _real(output)
@@ -114,6 +111,9 @@ def check_output(output: Path, inputs: list[Path]) -> None:
         if _inside(real, job_real):
             raise InputError(f"The input {given} is inside {job_real}, the job folder this job writes and deletes; "
                              "move the input or give another --output.")
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError(f"The output {output} must be an .mp4 file (the video is written as MP4); for example "
+                         f"{output.with_suffix('.mp4').name}.")
 
 
 def _existing_folder(folder: Path) -> Path:
