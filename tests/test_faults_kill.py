@@ -5,13 +5,16 @@
   folder is one sentence on --resume before any model loads; the intact folder resumes to the
   frames of an uninterrupted run; --restart discards on purpose; the sound track keeps the
   speech's rate and channels (or the official 16 kHz mono).
-* Subprocesses (slow): a real `infinitetalk generate` is SIGKILLed after its first window while
-  a second job on the same output is refused as busy; a resume under a file-size limit (the disk
-  "fills") fails with a sentence and leaves no temporary file; the next resume takes over the
-  stale lock and gives the frames of an uninterrupted run.
+  A resume under a file-size limit (the disk "fills") fails with a sentence, keeps the job
+  resumable and leaves no temporary file.
+* Subprocess (slow): a real `infinitetalk generate` is SIGKILLed after its first window while a
+  second job on the same output is refused as busy; the resume takes over the stale lock and
+  keeps the finished window (tests/test_resume.py compares a killed-and-resumed CLI run with an
+  uninterrupted one frame by frame).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -155,9 +158,20 @@ def test_interrupted_job_kept_damage_refused_resume_identical(media, tmp_path, t
         tally.clean_errors += 1
     assert service.loads == loads
 
-    # the intact folder resumes to the uninterrupted frames; nothing is left but the video
+    # the disk "fills" (a file-size limit on this process) while the resume writes: one
+    # sentence, the job still resumable, no temporary file anywhere
     shutil.rmtree(job)
     shutil.copytree(pristine, job)
+    tally.tried += 1
+    with _file_size_limit(max(p.stat().st_size for p in job.iterdir()) + 1):
+        with pytest.raises(Exception) as info:
+            service.run(_spec(media, out, resume=True))
+    assert type(info.value).__name__ == "StorageError" and "--resume" in str(info.value), info.value
+    assert not [p.name for p in work.rglob(".*")], list(work.rglob(".*"))
+    assert sorted(p.name for p in work.iterdir()) == ["o.mp4.job"]
+    tally.clean_errors += 1
+
+    # the intact folder resumes to the uninterrupted frames; nothing is left but the video
     tally.tried += 1
     service.run(_spec(media, out, resume=True))
     assert np.array_equal(_frames(out), _frames(base)), "the resumed video differs from the uninterrupted one"
@@ -187,22 +201,26 @@ def _popen(args, **kw):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _file_limit(limit):
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
+@contextlib.contextmanager
+def _file_size_limit(limit):
+    """Files written by this process may not grow past `limit` bytes (writes fail with EFBIG)."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 @pytest.mark.slow
-def test_kill_busy_disk_full_and_resume(media, tmp_path, tally):
+def test_kill_busy_and_resume(media, tmp_path, tally):
     image, audio = media / "face.png", tmp_path / "speech.wav"
     write_wav(audio, 4.2, rate=44100, channels=2)  # 105 frames: two 81-frame windows
     inputs = Inputs(image, audio)
     args = lambda out, *extra: ["--model", "tiny", "--steps", "1", "--seed", "5", "--image", image,  # noqa: E731
                                 "--audio", audio, "--output", out, *extra]
-    base = tmp_path / "base.mp4"
-    proc = _popen(args(base))
     work = tmp_path / "work"
     work.mkdir()
     out = work / "o.mp4"
@@ -229,19 +247,7 @@ def test_kill_busy_disk_full_and_resume(media, tmp_path, tally):
             p.stderr.close()
     assert killed.returncode == -signal.SIGKILL and not out.exists()
     assert (job / "lock").exists(), "a SIGKILLed job leaves its (stale) lock file"
-
-    # the disk "fills" (file-size limit) while the resume writes: a sentence, nothing half-written
-    tally.tried += 1
-    limit = max(p.stat().st_size for p in job.iterdir()) + 1
-    full = subprocess.run([sys.executable, "-m", "infinitetalk.cli", "generate", *map(str, args(out, "--resume"))],
-                          env=dict(os.environ, PYTHONPATH=str(REPO / "src")), capture_output=True, text=True,
-                          timeout=300, preexec_fn=_file_limit(limit))
-    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
-    assert "--resume" in full.stderr and "Writing" in full.stderr, full.stderr
-    names = sorted(p.name for p in job.iterdir())
-    assert not [n for n in names if n.startswith(".")], names
-    assert sorted(p.name for p in work.iterdir()) == ["o.mp4.job"]
-    tally.clean_errors += 1
+    first = _frames(job / "segment_00000.mp4")
 
     # the next resume takes over the stale lock and finishes with the uninterrupted frames
     tally.tried += 1
@@ -249,10 +255,10 @@ def test_kill_busy_disk_full_and_resume(media, tmp_path, tally):
                              env=dict(os.environ, PYTHONPATH=str(REPO / "src")), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
-    proc.stderr.close()
-    assert np.array_equal(_frames(out), _frames(base)), "the resumed video differs from the uninterrupted one"
+    assert "resuming at window 2/2" in resumed.stderr
+    frames = _frames(out)
+    assert frames.shape[0] == 105 and np.array_equal(frames[:81], first), "the finished window was not kept"
     assert sorted(p.name for p in work.iterdir()) == ["o.mp4"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.mp4", "speech.wav", "work"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav", "work"]
     assert inputs.lost() == []
     tally.videos += 1

@@ -381,9 +381,8 @@ class JobDir:
             os.replace(temp, self.state_file)
         except (OSError, RuntimeError) as err:
             temp.unlink(missing_ok=True)
-            cause = err if isinstance(err, OSError) else _os_error_in(err)
-            if cause is None:
-                raise
+            # torch.save of plain tensors fails only when writing: its zip writer raises RuntimeError
+            cause = err if isinstance(err, OSError) else (_os_error_in(err) or OSError(errno.EIO, "write failed"))
             raise storage_error(self.state_file, cause) from err
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -427,8 +426,8 @@ class JobDir:
 
 
 def _os_error_in(err: BaseException) -> Optional[OSError]:
-    """The OSError torch.save wraps in a RuntimeError (its zip writer), or a synthetic one from
-    the message ("No space left on device", ...); None for other errors."""
+    """The OSError torch.save wraps in a RuntimeError (its zip writer), or one made from the
+    message ("No space left on device", ...); None when neither tells the cause."""
     seen = err
     while seen is not None:
         if isinstance(seen, OSError):
@@ -437,8 +436,7 @@ def _os_error_in(err: BaseException) -> Optional[OSError]:
     text = str(err).lower()
     for code, words in ((errno.ENOSPC, "no space left"), (errno.EDQUOT, "quota"), (errno.EROFS, "read-only"),
                         (errno.EFBIG, "file too large"), (errno.EACCES, "permission denied"),
-                        (errno.EIO, "input/output error"), (errno.EIO, "write failed"),
-                        (errno.EIO, "unexpected pos")):
+                        (errno.EIO, "input/output error")):
         if words in text:
             return OSError(code, os.strerror(code))
     return None
