@@ -52,6 +52,9 @@ SPEC_FIELDS = {
     "apg_norm_threshold": (True, {"use_apg": True, "apg_norm_threshold": 20.0}, "one"),
     "max_seconds": (True, {"max_seconds": 0.5}, "one"),
     "resume": (False, {"resume": True}, "one"),
+    "restart": (False, {"restart": True}, "one"),
+    # the sound track is muxed from the inputs at the end: a resumed job may choose either
+    "official_sound": (False, {"official_sound": True}, "one"),
     # speech from text: the synthesised tracks enter the key by their checksums like any audio
     # file ("audio" above); test_tts.py checks that the same text gives the same tracks
     "text": (True, None, "one"),

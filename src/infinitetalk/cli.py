@@ -102,6 +102,10 @@ def _add_generate(sub) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--output", "-o", metavar="PATH", required=True, help="the MP4 file to write")
     out.add_argument("--resume", action="store_true", help="continue an interrupted job writing the same output")
+    out.add_argument("--restart", action="store_true",
+                     help="discard the interrupted job writing the same output and start over")
+    out.add_argument("--official-sound", action="store_true",
+                     help="mux the 16 kHz mono speech the model hears (official) instead of the original sound")
     out.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
 
     gen = p.add_argument_group("generation")
@@ -263,7 +267,7 @@ def job_spec(args: argparse.Namespace):
         text_guide_scale=args.text_guide_scale, audio_guide_scale=args.audio_guide_scale,
         color_correction=args.color_correction, frame_num=args.frame_num, motion_frame=args.motion_frame,
         teacache=args.teacache, max_seconds=args.max_seconds,
-        resume=args.resume, runtime=runtime, text=args.text, text_file=args.text_file, voice=args.voice,
+        resume=args.resume, restart=args.restart, official_sound=args.official_sound, runtime=runtime, text=args.text, text_file=args.text_file, voice=args.voice,
         voice2=args.voice2, lang=args.lang, speed=args.speed, save_audio=args.save_audio,
     )
 
@@ -534,11 +538,29 @@ def _internal_error(err: BaseException, argv: Optional[list]) -> int:
     return 1
 
 
+VALUE_OPTIONS = ("--bbox1", "--bbox2", "--prompt", "--negative-prompt")
+"""Options whose value may start with '-' (a box at x = -10, a prompt "- smiling")."""
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """`--bbox1 -10,0,50,50` -> `--bbox1=-10,0,50,50`, so argparse does not take the value for an
+    option and the box reaches the box check (which says what is wrong with it)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from .console import configure_logging
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dash_values(list(sys.argv[1:] if argv is None else argv)))
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     configure_logging(verbose=args.verbose, quiet=getattr(args, "quiet", False) and not args.verbose)
     if not getattr(args, "func", None):

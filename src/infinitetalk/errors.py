@@ -6,6 +6,8 @@ A broken invariant inside the package (a bug) raises `InternalError` instead.
 """
 from __future__ import annotations
 
+import errno
+
 
 class InfiniteTalkError(Exception):
     """Base class of every error meant for the user. `str(err)` is the sentence to show."""
@@ -68,3 +70,43 @@ class InternalError(Exception):
     """
 
     exit_code = 1
+
+
+class OutputBusyError(InfiniteTalkError):
+    """Another job holds the lock of the same output (its `OUTPUT.job/lock`)."""
+
+
+class StorageError(InfiniteTalkError):
+    """Writing the output or the job state failed (disk full, read-only folder, I/O error); the
+    finished windows stay in `OUTPUT.job/`, so the job can be resumed once the cause is fixed."""
+
+
+def unpickling_reason(exc: BaseException) -> str:
+    """A short reason for a refused or failed `torch.load(weights_only=True)`, without torch's
+    advice to load with weights_only=False (never to be given to users)."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or type(exc).__name__ == "UnpicklingError":
+        return "it holds pickled Python objects other than tensors, which are refused for safety"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:200]
+
+
+_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the folder is on a read-only file system",
+    errno.EACCES: "permission was denied",
+    errno.EPERM: "permission was denied",
+    errno.EFBIG: "the file grew past the size this file system or a limit allows",
+    errno.EIO: "the device reported an I/O error",
+}
+
+
+def storage_error(path: object, err: BaseException) -> StorageError:
+    """The sentence for a failed write of `path` (the job stays resumable)."""
+    code = getattr(err, "errno", None)
+    reason = _REASONS.get(code) or (getattr(err, "strerror", None) or str(err) or type(err).__name__)
+    return StorageError(
+        f"Writing {path} failed: {reason}; fix that (free some space, or choose another --output folder), then run "
+        "the same command with --resume to continue: the finished windows are kept."
+    )

@@ -211,10 +211,3 @@ def official_components(
         dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False,
         vae_chunk_latents=None if vae_fast is not None else 1, vae_fast=vae_fast,
     )
-
-def _bucket_hw(value) -> tuple[int, int]:
-    """(h, w) of a bucket entry: (h, w) or the official [[h, w], 1]."""
-    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], (list, tuple)):
-        value = value[0]
-    h, w = (int(v) for v in value)
-    return h, w

@@ -27,6 +27,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+import contextlib
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -34,8 +35,9 @@ import torch
 
 from ..config import FPS, GenerationConfig
 from ..errors import InputError
-from ..media.frames import VideoFrameReader, prepare_frame
+from ..media.frames import VideoFrameReader, bucket_hw as _bucket_hw, prepare_frame
 from ..media.segments import concat_segments, write_segment
+from ..media.soundtrack import sound_track
 from ..media.writer import to_uint8_frames
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
 from .audio_windows import audio_for_window
@@ -53,7 +55,6 @@ from .components import (
     CUSTOM_MODEL,
     MODEL_NAMES,
     Components,
-    _bucket_hw,
     config_for,
     default_device,
     default_dtype,
@@ -63,7 +64,7 @@ from .components import (
     runtime_settings,
     tiny_components,
 )
-from .job_state import JobDir, JobState
+from .job_state import JobDir, JobState, OutputLock, file_digest
 from .sampler import draw_window_noise, sample_window
 from .windows import Window, WindowPlan, plan_windows
 
@@ -322,6 +323,10 @@ class InfiniteTalk:
         resume: bool = False,
         cancel: Optional[CancelToken] = None,
         settings: Optional[dict] = None,
+        *,
+        restart: bool = False,
+        sound: str = "original",
+        lock: Optional[OutputLock] = None,
         **request,
     ) -> Path:
         """Make the whole video into `output` (MP4, H.264 + AAC, 25 fps) and return its path.
@@ -336,6 +341,9 @@ class InfiniteTalk:
         stops the job at the next step or window boundary with JobCancelledError, finished
         windows kept. `settings` is the resume key (the job service builds it from the whole
         job description; by default it is built from the inputs, config and loaded models).
+        Finished windows are never discarded silently: without `resume` that is an error unless
+        `restart`. The job holds the output's `OutputLock` (`lock`: one the caller holds). `sound`:
+        "original" (the speech at its own rate and channels) or "official" (the 16 kHz mono mix).
         """
         if inputs is None:
             inputs, config = self.prepare(config, **request)
@@ -344,38 +352,48 @@ class InfiniteTalk:
         output = Path(output).expanduser()
         if output.is_dir():
             raise InputError(f"The output path {output} is a folder; give a file name such as {output / 'out.mp4'}.")
+        if sound not in ("original", "official"):
+            raise InputError(f"sound must be 'original' or 'official', not {sound!r}.")
         plan = self.plan(inputs, config)
         tracker = progress if isinstance(progress, ProgressTracker) else ProgressTracker(progress, cancel)
+        par = self.components.parallel
+        own_lock = lock is None and (par is None or par.is_leader)  # ranks other than the first write nothing
+        with (OutputLock(output) if own_lock else contextlib.nullcontext()):
+            self._generate_locked(output, inputs, config, plan, tracker, (resume, restart), settings, sound)
+        tracker.finished(str(output), plan.total_frames, plan.duration_s)
+        return output
+
+    def _generate_locked(self, output: Path, inputs: PreparedInputs, config: GenerationConfig, plan: WindowPlan,
+                         tracker: ProgressTracker, start: tuple[bool, bool], settings: Optional[dict], sound: str):
         job = JobDir(output)
         par = self.components.parallel
         if par is not None and not par.is_leader:  # the other ranks compute; only the first one writes
-            for _ in self._run(inputs, config, plan, ProgressTracker(None, cancel), par.broadcast_object()):
+            for _ in self._run(inputs, config, plan, ProgressTracker(None, tracker.cancel), par.broadcast_object()):
                 pass
             return output
-        state = job.start(self._job_settings(inputs, config) if settings is None else settings, resume)
+        state = job.start(self._job_settings(inputs, config) if settings is None else settings, *start)
         if par is not None:
             par.broadcast_object(state)
         first = state.next_window if state is not None else 0
         self._job_started(tracker, inputs, config, plan, first)
         if state is not None:
-            tracker.notice(f"resuming at window {min(first, len(plan) - 1) + 1}/{len(plan)}")
-        frames_done = state.frames_written if state is not None else 0
+            tracker.notice(f"all {len(plan)} windows were already made; assembling the video" if first >= len(plan)
+                           else f"resuming at window {first + 1}/{len(plan)}")
+        done = state or JobState(0, 0, torch.zeros(0), torch.zeros(0, dtype=torch.uint8))
         for result in self._run(inputs, config, plan, tracker, state):
-            index = result.window.index
-            write_segment(job.segment_path(index), result.frames)
-            frames_done += result.frames.shape[0]
-            job.save_state(JobState(index + 1, frames_done, result.motion, result.rng_state))
-            tracker.window_finished(index, len(plan), result.frames.shape[0], result.window.out_end,
-                                    str(job.segment_path(index)))
+            index, count = result.window.index, result.frames.shape[0]
+            path = write_segment(job.segment_path(index), result.frames)
+            done = JobState(index + 1, done.frames_written + count, result.motion, result.rng_state,
+                            [*done.segments, (file_digest(path), int(count))])
+            job.save_state(done)
+            tracker.window_finished(index, len(plan), count, result.window.out_end, str(path))
         tracker.check_cancel()
         if inputs.tracks is None:
             raise InputError("Writing an MP4 needs the speech audio for its sound track: give audio=PATH.")
         with tracker.stage("write", f"writing {output}"):
-            concat_segments(job.segments(len(plan)), output, audio=inputs.tracks.mix,
-                            sample_rate=inputs.tracks.sample_rate)
+            audio, rate = sound_track(inputs.tracks, official=sound == "official")
+            concat_segments(job.segments(len(plan)), output, audio=audio, sample_rate=rate, temp_dir=job.root)
         job.remove()
-        tracker.finished(str(output), plan.total_frames, plan.duration_s)
-        return output
 
     @staticmethod
     def _job_started(tracker: ProgressTracker, inputs: PreparedInputs, cfg: GenerationConfig, plan: WindowPlan,
@@ -387,7 +405,7 @@ class InfiniteTalk:
     # ---- internals -------------------------------------------------------------------------
     def _check_options(self, inputs: PreparedInputs, cfg: GenerationConfig) -> None:
         if inputs.request.speakers == 2 and self.components.variant == "single" and not self.components.random:
-            log.warning("two speakers with the 'single' adapter; the official release uses --variant multi for this")
+            raise InputError("Two speakers need the multi-speaker adapter; load the pipeline with variant='multi'.")
 
     def _job_settings(self, inputs: PreparedInputs, cfg: GenerationConfig) -> dict:
         c = self.components

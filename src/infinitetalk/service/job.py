@@ -79,7 +79,10 @@ class JobSpec:
     replace the audio by synthesised speech (voice, voice2, lang, speed; see `media.tts`).
     `max_seconds` cuts the video; `teacache` turns TeaCache on; other generation fields are
     those of `GenerationConfig` under the CLI's names (see SETTING_FIELDS).
-    `resume` continues the unfinished job writing `output` (same settings and files required).
+    `resume` continues the unfinished job writing `output` (same settings and files required);
+    `restart` discards such a job on purpose (without either, a job with finished windows is
+    refused, never deleted). `official_sound` muxes the 16 kHz mono speech the model heard
+    instead of the speech at its own rate and channels.
     """
 
     output: str
@@ -118,6 +121,8 @@ class JobSpec:
     apg_norm_threshold: Optional[float] = None
     max_seconds: Optional[float] = None
     resume: bool = False
+    restart: bool = False
+    official_sound: bool = False
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
     def __post_init__(self) -> None:

@@ -14,12 +14,13 @@ JobFinished / JobFailed / JobCancelled ends the event stream of a job.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -29,7 +30,9 @@ from ..config import FPS, GenerationConfig
 from ..devices import resolve_device
 from ..errors import DeviceOutOfMemoryError, InfiniteTalkError, InputError, JobCancelledError
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
+from ..generation.job_state import OutputLock
 from .job import JobSpec
+from .validate import check_variant
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class PreparedJob:
     plan: object  # generation.windows.WindowPlan
     model: ModelSettings
     key: dict  # the resume key (see resume_key)
+    notices: list = field(default_factory=list)  # what the job ignores or cuts (Notice events)
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,7 @@ def resolve_model(spec: JobSpec, speakers: int, size: int = 720) -> ModelSetting
     variant = rt.variant or ("multi" if speakers == 2 else "single")
     if variant not in ("single", "multi"):
         raise InputError(f"Unknown adapter variant {variant!r}; use single or multi.")
+    check_variant(variant, speakers)
     device = resolve_device(rt.device)
     if rt.dtype is not None and rt.dtype not in DTYPES:
         raise InputError(f"Unknown dtype {rt.dtype!r}; use one of: {', '.join(sorted(DTYPES))}.")
@@ -244,27 +249,43 @@ class JobService:
 
     # ---- checking ------------------------------------------------------------------------
     def check(self, spec: JobSpec) -> PreparedJob:
-        """Validate and decode everything of `spec` without loading a model (typed errors)."""
+        """Validate and decode everything of `spec` without loading a model (typed errors):
+        fields and ranges, paths (the output never an input), inputs, model choice, the job
+        folder (lock, resume state verified, finished windows never discarded silently), and
+        the output folder's writability and free space (see `service.validate`)."""
         from ..generation.inputs import prepare_inputs
-        from ..generation.job_state import JobDir
+        from ..generation.job_state import JobDir, OutputLock
         from ..generation.pipeline import InfiniteTalk
+        from . import validate
 
         if not spec.output:
             raise InputError("Give the output file with --output PATH (an .mp4).")
+        validate.check_fields(spec)
         output = Path(spec.output).expanduser()
-        if output.is_dir():
-            raise InputError(f"The output {output} is a folder; give a file name such as {output / 'talk.mp4'}.")
         request = build_request(spec)
+        validate.check_output(output, validate.input_paths(spec, request))
         cfg = resolve_config(spec)
         inputs = prepare_inputs(request, cfg)
         model = resolve_model(spec, request.speakers, cfg.size)
         if model.model != "tiny" and not _is_hub_id(model.weights):
             component_files(model).require()  # missing weights: the list and the download command, now
         key = resume_key(inputs, cfg, model)
-        if spec.resume:
-            JobDir(output).check_resumable(key)
+        busy = OutputLock.holder(output)
+        if busy:
+            from ..errors import OutputBusyError
+
+            raise OutputBusyError(busy)
+        job = JobDir(output)
+        job.check_start(key, spec.resume, spec.restart)
         plan = InfiniteTalk.plan(inputs, cfg)
-        return PreparedJob(spec, output, inputs, cfg, plan, model, key)
+        done_bytes = 0
+        if spec.resume and job.exists():
+            h, w = inputs.target_hw
+            state = job.verify(plan, (3, cfg.motion_frame, h, w), model.device)
+            done_bytes = sum(job.segment_path(i).stat().st_size for i in range(state.next_window)) if state else 0
+        validate.check_storage(output, plan, inputs.target_hw, done_bytes)
+        notes = validate.notices(spec, request, inputs, plan, cfg)
+        return PreparedJob(spec, output, inputs, cfg, plan, model, key, notes)
 
     # ---- models --------------------------------------------------------------------------
     def _load(self, settings: ModelSettings):
@@ -313,23 +334,29 @@ class JobService:
                 if job.model.model == "tiny":
                     tracker.notice("the tiny model uses small RANDOM weights: the video is noise, not a face "
                                    "(for trying the tool and for tests)", level="warning")
+                for note in job.notices:
+                    tracker.notice(note, level="warning")
                 if job.model.model != "tiny" and job.model not in self._pipes and not _is_hub_id(job.model.weights):
                     for note in component_files(job.model).notes:
                         tracker.notice(note)
                 tracker.check_cancel()
-                fresh = job.model not in self._pipes
-                pipe = self.pipeline(job.model, tracker)
-                if fresh and getattr(pipe, "memory_plan", None) and pipe.memory_plan():
-                    tracker.notice(pipe.memory_plan())
-                tracker.check_cancel()
-                try:
-                    path = pipe.generate(job.output, inputs=job.inputs, config=job.config, progress=tracker,
-                                         resume=spec.resume, cancel=cancel, settings=job.key)
-                except OUT_OF_MEMORY as err:
-                    raise DeviceOutOfMemoryError(
-                        "The GPU ran out of memory; use a smaller --size, fewer speakers, --fp8, or a GPU with more "
-                        "memory (the finished windows are kept: add --resume to continue)."
-                    ) from err
+                leader = self.parallel is None or self.parallel.is_leader  # the other ranks write nothing
+                with (OutputLock(job.output) if leader else contextlib.nullcontext()) as lock:
+                    fresh = job.model not in self._pipes
+                    pipe = self.pipeline(job.model, tracker)
+                    if fresh and getattr(pipe, "memory_plan", None) and pipe.memory_plan():
+                        tracker.notice(pipe.memory_plan())
+                    tracker.check_cancel()
+                    try:
+                        path = pipe.generate(job.output, inputs=job.inputs, config=job.config, progress=tracker,
+                                             resume=spec.resume, cancel=cancel, settings=job.key,
+                                             restart=spec.restart, lock=lock,
+                                             sound="official" if spec.official_sound else "original")
+                    except OUT_OF_MEMORY as err:
+                        raise DeviceOutOfMemoryError(
+                            "The GPU ran out of memory; use a smaller --size, fewer speakers, --fp8, or a GPU with "
+                            "more memory (the finished windows are kept: add --resume to continue)."
+                        ) from err
         except JobCancelledError as err:
             nxt = _finished_windows(Path(spec.output).expanduser())
             tracker.cancelled(str(err), nxt, resumable=nxt > 0)

@@ -104,10 +104,12 @@ def _open_one(path: Path):
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
+            from ..errors import unpickling_reason
+
             raise CheckpointError(
-                f"{path} could not be loaded as a PyTorch checkpoint with weights_only=True ({exc}). "
-                "It is damaged, incomplete, or holds pickled code, which is refused for safety."
-            ) from exc
+                f"{path} could not be loaded as a PyTorch checkpoint ({unpickling_reason(exc)}); it is damaged, "
+                "incomplete or not a plain tensor checkpoint: download it again or use its .safetensors file."
+            ) from None
         if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
             data = data["state_dict"]
         if not isinstance(data, dict):
