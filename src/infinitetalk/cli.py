@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .ui.options import add_ui_parser  # `infinitetalk ui`: the web page (gradio is imported only when it runs)
 
     add_ui_parser(sub)
+    from .batch_cli import add_batch_parser  # `infinitetalk batch`: many jobs, the models loaded once
+
+    add_batch_parser(sub, sub.choices["generate"])
     return parser
 
 
