@@ -219,13 +219,13 @@ class BatchDisplay:
 
         if self._progress is not None:
             self._progress.stop()
-        table = Table(title="batch", box=box.SIMPLE_HEAD)
+        table = Table(box=box.SIMPLE_HEAD)
         for name in ("job", "status", "seconds", "output"):
             table.add_column(name, overflow="fold")
         for o in report.outcomes:
             seconds = f"{o.seconds:.1f}" if o.seconds else ""
-            table.add_row(o.name or o.where, o.status, seconds, o.output if o.status == "done" else
-                          (f"{o.where}: {o.message}" if o.message else o.output))
+            shown = o.output if o.status in ("done", "kept") or not o.message else f"{o.where}: {o.message}"
+            table.add_row(o.name or o.where, o.status, seconds, shown)
         self.console.print(table)
         bad = sum(o.status not in ("done", "kept") for o in report.outcomes)
         self.console.print(f"models loaded: {report.loads}; {len(report.outcomes)} job(s) in "
