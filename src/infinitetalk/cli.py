@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.cli_serve import add_serve_parser
 
     add_serve_parser(sub)
+
+    from .batch_cli import add_batch_parser  # `infinitetalk batch`: many jobs, the models loaded once
+
+    add_batch_parser(sub, sub.choices["generate"])
     return parser
 
 
