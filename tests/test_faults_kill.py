@@ -64,11 +64,11 @@ def _spec(media, out, **kw):
     return JobSpec(output=str(out), runtime=RuntimeOptions(model="tiny"), **fields)
 
 
-def _interrupted(service, spec):
+def _interrupted(service, spec, after: int = 1):
     token = CancelToken()
 
     def progress(event):
-        if isinstance(event, WindowFinished) and event.index == 1:
+        if isinstance(event, WindowFinished) and event.index == after:
             token.cancel()
 
     with pytest.raises(JobCancelledError):
@@ -184,6 +184,18 @@ def test_interrupted_job_kept_damage_refused_resume_identical(media, tmp_path, t
     service.run(_spec(media, out, restart=True, official_sound=True))
     assert np.array_equal(_frames(out), _frames(base)) and _audio(out) == (16000, 1)
     assert sorted(p.name for p in work.iterdir()) == ["o.mp4"]
+    tally.videos += 1
+
+    # stopped after the last window, before the final mux: the resume only assembles the video
+    tally.tried += 1
+    late = work / "late.mp4"
+    _interrupted(service, _spec(media, late), after=3)
+    assert not late.exists() and not [p for p in work.iterdir() if p.name.startswith(".")]
+    notes = []
+    service.run(_spec(media, late, resume=True), progress=lambda e: notes.append(getattr(e, "message", "")))
+    assert any("all 4 windows were already made" in n for n in notes), notes
+    assert np.array_equal(_frames(late), _frames(base))
+    assert sorted(p.name for p in work.iterdir()) == ["late.mp4", "o.mp4"]
     tally.videos += 1
 
     # two speakers at different rates: mixed at the higher rate, stereo wins

@@ -404,7 +404,8 @@ class InfiniteTalk:
 
     # ---- internals -------------------------------------------------------------------------
     def _check_options(self, inputs: PreparedInputs, cfg: GenerationConfig) -> None:
-        if inputs.request.speakers == 2 and self.components.variant == "single" and not self.components.random:
+        c = self.components  # official weights: the single adapter was not trained for two speakers
+        if inputs.request.speakers == 2 and c.variant == "single" and c.name == "infinitetalk-14b":
             raise InputError("Two speakers need the multi-speaker adapter; load the pipeline with variant='multi'.")
 
     def _job_settings(self, inputs: PreparedInputs, cfg: GenerationConfig) -> dict:

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from infinitetalk.errors import InputError, MediaError
 
