@@ -43,8 +43,8 @@ def test_help_names_only_files_that_exist():
 
 def test_log_file_lines_and_one_warning_format(tmp_path, capsys, monkeypatch):
     """The example JSON on the tiny model, with stderr not a terminal: the start line, one line
-    per window, "wrote" once; three warnings (tiny model, box for one speaker, fp8 attention off
-    the fast path) all in the one log format."""
+    per window, "wrote" once; four warnings (tiny model, box for one speaker, speech cut by
+    --max-seconds, fp8 attention off the fast path) all in the one log format."""
     monkeypatch.chdir(REPO)
     out = tmp_path / "example.mp4"
     rc = main(["generate", "--model", "tiny", "--input-json", "examples/single.json", "--max-seconds", "0.6",
@@ -59,8 +59,8 @@ def test_log_file_lines_and_one_warning_format(tmp_path, capsys, monkeypatch):
     assert len(windows) == 2 and all(WINDOW.match(ln) for ln in windows), err
     assert lines[-1].startswith(f"wrote {out} (15 frames, 0.60 s) in ") and err.count("wrote ") == 1
     warnings = [ln for ln in lines if not (START.match(ln) or WINDOW.match(ln) or ln.startswith("wrote "))]
-    assert len(warnings) == 3 and all(WARNING.match(ln) for ln in warnings), warnings
-    assert "RANDOM" in err and "box" in err and "fp8 attention" in err
+    assert len(warnings) == 4 and all(WARNING.match(ln) for ln in warnings), warnings
+    assert "RANDOM" in err and "box" in err and "fp8 attention" in err and "not used" in err
     assert "step" not in err.replace("steps, seed", "") and "WARNING" not in err and "note:" not in err
     assert out.is_file()
 

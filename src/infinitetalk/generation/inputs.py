@@ -176,8 +176,7 @@ def _check_boxes(request: GenerationRequest) -> None:
                 "Two boxes were given but there is only one speaker: boxes place two speakers. "
                 "Give --audio2 for the second speaker, or drop the boxes."
             )
-        log.warning("a box is only used with two speakers; ignoring it for one speaker")
-        return
+        return  # the job service says it is ignored (a notice)
     if len(given) != 2:
         raise InputError("With two speakers give a box for each (--bbox1 and --bbox2), or none (left/right halves).")
 
