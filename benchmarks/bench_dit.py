@@ -10,7 +10,7 @@ init in place; no files), then times one forward (CUDA events, median) for each 
             map, regional torch.compile, text/CLIP/audio keys and values precomputed per window;
   guidance  (480p, one speaker) the three guidance passes of a step batched in one forward;
   fastbhld  the fast path with `attention.sdpa_attention_bhld` (contiguous [B, H, L, D] q/k/v);
-  fp8       the fast path with fp8 linear layers (`runtime/fp8.py`), quantised in place.
+  fp8       the fast path with fp8 linear layers (`quant/fp8.py`), quantised in place.
 
 Sizes: 480p = 640x640 bucket (latent 80x80, 21 latent frames, 33,600 tokens), 720p =
 960x960 (75,600 tokens); one and two speakers. In the same run the floor kernels
@@ -45,7 +45,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_monitor import GpuMonitor  # noqa: E402
 from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig  # noqa: E402
-from infinitetalk.runtime.fast import FastOptions, GuidedDiT, make_fast  # noqa: E402
+from infinitetalk.generation.guided_dit import GuidedDiT  # noqa: E402
+from infinitetalk.quant.fp8 import quantize_dit  # noqa: E402
+from infinitetalk.runtime.fast import FastOptions, make_fast  # noqa: E402
 
 SIZES = {"480": (640, 640), "720": (960, 960)}
 VIDEO_FRAMES = 81
@@ -363,7 +365,8 @@ def run(args) -> dict:
     if "fp8" in phases:
         try:
             torch._dynamo.reset()
-            make_fast(model, FastOptions(fp8=True, compile_blocks=not args.no_compile, compile_mode=args.compile_mode))
+            quantize_dit(model)
+            make_fast(model, FastOptions(compile_blocks=not args.no_compile, compile_mode=args.compile_mode))
             res["weights_fp8_gb"] = round(
                 sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
                 + sum(b.numel() * b.element_size() for b in model.buffers()) / 1e9, 2)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_kernels import git_commit, time_cuda  # noqa: E402
-from infinitetalk.runtime.fp8 import quantize_activation_rowwise  # noqa: E402
+from infinitetalk.quant.fp8 import quantize_activation_rowwise  # noqa: E402
 from infinitetalk.runtime.fp8_gelu import gelu_quantize_reference, gelu_quantize_rowwise  # noqa: E402
 
 M, N = 33_600, 13_824

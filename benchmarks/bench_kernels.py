@@ -138,7 +138,7 @@ def _fp8_linear(weight_bf16: torch.Tensor):
     """Fp8Linear built from the bench weight, or None when the package is not importable."""
     sys.path.insert(0, str(REPO / "src"))
     try:
-        from infinitetalk.runtime.fp8 import Fp8Linear
+        from infinitetalk.quant.fp8 import Fp8Linear
     except Exception as exc:  # the package is optional for this script
         print(f"(Fp8Linear row skipped: {exc})", file=sys.stderr)
         return None

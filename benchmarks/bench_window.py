@@ -6,7 +6,7 @@ correction, frames to the host), with random weights of the real model sizes on 
     python benchmarks/bench_window.py --variants bf16,fp8,fp8x          # fp8x: + fp8 attention, fast accumulation
     python benchmarks/bench_window.py --tiny --device cpu                # CPU check of the script
 
-It runs the same functions as `InfiniteTalk._run` (generation.conditioning, runtime.fast.GuidedDiT,
+It runs the same functions as `InfiniteTalk._run` (generation.conditioning, generation.guided_dit.GuidedDiT,
 generation.sampler, models.vae with VAEFastOptions, generation.color) minus file decoding and
 MP4 writing, so it needs no PyAV on the device. It times a first window (CLIP and `y` are
 computed) and a later window (motion latents from the last 9 frames, `y` reused), after one
@@ -38,7 +38,8 @@ from infinitetalk.generation.sampler import draw_window_noise, sample_window  # 
 from infinitetalk.models.dit import WanDiTConfig  # noqa: E402
 from infinitetalk.models.image import CLIPVisionConfig, CLIPVisionEncoder  # noqa: E402
 from infinitetalk.models.vae import VAEFastOptions, WanVAE, WanVAEConfig  # noqa: E402
-from infinitetalk.runtime.fast import FastOptions, GuidedDiT, make_fast  # noqa: E402
+from infinitetalk.generation.guided_dit import GuidedDiT  # noqa: E402
+from infinitetalk.runtime.fast import FastOptions, make_fast  # noqa: E402
 
 
 def _random_module(cls, cfg, device, dtype, seed):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from infinitetalk.quant.gguf_quantize import BLOCK_VALUES, QUANTIZERS  # noqa: E402
-from infinitetalk.runtime.fp8 import is_dit_fp8_layer  # noqa: E402
+from infinitetalk.quant.fp8 import is_dit_fp8_layer  # noqa: E402
 
 FILE_TYPES = {"Q8_0": 7, "Q4_K": 15}  # LlamaFileType MOSTLY_Q8_0, MOSTLY_Q4_K_M
 

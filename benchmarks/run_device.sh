@@ -14,6 +14,8 @@
 #   bash benchmarks/run_device.sh v7window     # one --preset fast window: fp8 + fp8 attention, bf16
 #   bash benchmarks/run_device.sh v12probe     # DiT bf16 / fp8x with GPU power, kernel profiles 1 and 2 speakers, bf16 2-speaker memory
 #   bash benchmarks/run_device.sh window       # one --preset fast window: bf16, fp8, fp8 + fp8 attention
+#   bash benchmarks/run_device.sh offload-tests  # GPU tests of the VRAM-budget offloading
+#   bash benchmarks/run_device.sh offload 480 fp8 [24,16,12,8,6]  # budgets emulated with a memory fraction (H200)
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
 # carry .bench) and the commit in .bench/COMMIT (`git rev-parse HEAD > .bench/COMMIT`), since
@@ -138,6 +140,14 @@ case "$what" in
     python3 benchmarks/bench_dit.py --sizes 480 --speakers 1 --fp8-speakers 1,2 --phases bf16attn8,fp8x \
       --reps 3 --out "$OUT/dit_480p_v6.json" 2>&1 | tee "$OUT/bench_480p_v6.log"
     python3 benchmarks/bench_window.py --variants fp8x --out "$OUT/window_v6.json" 2>&1 | tee "$OUT/bench_window_v6.log"
+    ;;
+  offload-tests)  # GPU tests of runtime.offload (streamed 14B forward bit-identical in bf16 and fp8)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py -s 2>&1 | tee "$OUT/offload_gpu_tests.log"
+    ;;
+  offload)  # bash benchmarks/run_device.sh offload SIZE DTYPE [BUDGETS]: one process per size/dtype (H200)
+    size=${2:-480}; dt=${3:-bf16}; budgets=${4:-24,16,12,8,6}
+    python3 benchmarks/bench_offload.py --size "$size" --dtype "$dt" --budgets "$budgets" \
+      --out "$OUT/offload_${size}_${dt}_${budgets//,/-}.json" 2>&1 | tee "$OUT/bench_offload_${size}_${dt}_${budgets//,/-}.log"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

@@ -16,11 +16,8 @@ from conftest import report
 from infinitetalk.errors import CheckpointError, MissingWeightsError
 from infinitetalk.media.audio import load_speech
 from infinitetalk.models.audio import AudioEncoderConfig, normalize_waveform
-from infinitetalk.weights.audio_loader import (
-    load_audio_encoder,
-    save_audio_encoder_folder,
-    tiny_audio_encoder,
-)
+from infinitetalk.runtime.tiny_models import tiny_audio_encoder
+from infinitetalk.weights.audio_loader import load_audio_encoder, save_audio_encoder_folder
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +123,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     torch.set_num_threads(2)
     mode, path = sys.argv[1], sys.argv[2]
     from infinitetalk.media.audio import load_speech
-    from infinitetalk.weights.audio_loader import tiny_audio_encoder
+    from infinitetalk.runtime.tiny_models import tiny_audio_encoder
     from infinitetalk.models.audio import AudioEncoderConfig
     def now():  # current resident set in MB
         with open("/proc/self/statm") as fh:

@@ -3,7 +3,7 @@ LoRAs when quantised; we must not)."""
 import torch
 from safetensors.torch import save_file
 
-from infinitetalk.runtime.fp8 import Fp8Linear
+from infinitetalk.quant.fp8 import Fp8Linear
 from infinitetalk.weights.dit_loader import load_dit
 
 

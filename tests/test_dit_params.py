@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from infinitetalk.errors import InputError
+from infinitetalk.errors import InternalError
 from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig, count_parameters
 
 # config.json of Wan2.1-I2V-14B-480P as released (the audio-adapter sizes are absent).
@@ -114,14 +114,17 @@ def test_tiny_bfloat16_runs_close_to_float32():
     assert rel < 0.05, rel
 
 
-def test_bad_inputs_raise_input_error():
+def test_bad_inputs_raise_internal_error():
+    from infinitetalk.errors import InfiniteTalkError
+
+    assert not issubclass(InternalError, InfiniteTalkError)  # a bug, not the user's input
     cfg = WanDiTConfig.tiny()
     model = InfiniteTalkDiT(cfg).eval()
     inputs = _tiny_inputs(cfg, 1)
     with torch.inference_mode():
-        with pytest.raises(InputError, match="audio"):
+        with pytest.raises(InternalError, match="audio"):
             model(**dict(inputs, audio=inputs["audio"][:, :, :-1]))
-        with pytest.raises(InputError, match="speakers"):
+        with pytest.raises(InternalError, match="speakers"):
             model(**dict(inputs, audio=inputs["audio"].expand(-1, 3, -1, -1, -1, -1)))
-        with pytest.raises(InputError, match="at most"):
+        with pytest.raises(InternalError, match="at most"):
             model(**dict(inputs, context=[torch.zeros(cfg.text_len + 1, cfg.text_dim)]))

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED, report
-from infinitetalk.errors import InputError
+from infinitetalk.errors import InternalError
 from infinitetalk.weights.dit_loader import load_dit
 
 CASE_FILES = sorted((SHARED / "parity" / "dit" / "cases").glob("*.json"))
@@ -130,7 +130,7 @@ def test_two_speakers_need_masks(model, parity_dir):
         _, tensors = _load_case(path)
         if tensors["audio"].shape[0] != 2:
             continue
-        with pytest.raises(InputError, match="ref_target_masks"):
+        with pytest.raises(InternalError, match="ref_target_masks"):
             with torch.inference_mode():
                 model(tensors["x"][None], tensors["t"], [tensors["context"]], tensors["clip_fea"], tensors["y"][None], tensors["audio"][None])
         return

@@ -3,7 +3,9 @@
 Each run goes through the real command (argument parsing, input checks, tiny random models of
 every component, window loop, segments, final MP4) and the output file is decoded again:
 25 fps, the tiny bucket's resolution, an audio stream, video duration within one frame of the
-audio duration, and frames that are not constant. Few sampling steps keep the suite fast.
+audio duration, and frames that are not constant. Few sampling steps, short windows
+(`--frame-num 21 --motion-frame 5`, SHORT) and a few seconds of speech keep the suite fast; the
+clip-mode case and the short-audio cases keep the official 81-frame window.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from infinitetalk.cli import main
 from infinitetalk.media.frames import choose_bucket, size_buckets
 
 STEPS = "2"
+SHORT = ["--frame-num", "21", "--motion-frame", "5"]  # 21-frame windows: 16 new frames each after the first
 
 
 def probe_mp4(path: Path) -> dict:
@@ -82,19 +85,19 @@ def audio_frames(path: Path) -> int:
 
 def test_i2v_streaming_multiple_windows(media_dir, tmp_path, capsys):
     out = tmp_path / "i2v.mp4"
-    audio = media_dir / "speech_44k_stereo.wav"
+    audio = cut_wav(media_dir, tmp_path, 3.4)  # 85 frames: five 21-frame windows
     rc, err = run_cli(["--image", str(media_dir / "portrait.png"), "--audio", str(audio), "--output", str(out),
-                       "--mode", "streaming", "--prompt", "A person talks."], capsys)
+                       "--mode", "streaming", "--prompt", "A person talks.", *SHORT], capsys)
     assert rc == 0, err
     assert "RANDOM" in err
-    assert "window 3/" in err and "eta" in err
+    assert "5 window(s)" in err and "window 3/5" in err and "eta" in err
     assert "step 2/2" not in err  # not a terminal: one line per window, no step lines
     assert err.count("wrote ") == 1
     n = audio_frames(audio)
     info = check_video(out, image_hw(media_dir / "portrait.png"), expect_frames=n)
-    assert n > 81 + 72 * 2  # at least three windows
+    assert n == 85
     assert not (tmp_path / "i2v.mp4.job").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["i2v.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i2v.mp4", "short.wav"]
     print(f"[e2e] i2v: {info['frames'].shape[0]} frames {info['width']}x{info['height']}, "
           f"video {info['video_s']:.3f} s, audio {info['audio_s']:.3f} s")
 
@@ -103,14 +106,14 @@ def test_v2v_dubbing(media_dir, tmp_path, capsys):
     out = tmp_path / "v2v.mp4"
     audio = media_dir / "speech.mp3"
     video = media_dir / "talking_458px_25fps.mp4"
-    # two windows: the second one takes its reference frame from the video at 81 - 9 frames
-    rc, err = run_cli(["--video", str(video), "--audio", str(audio), "--output", str(out), "--max-seconds", "5"],
-                      capsys)
+    # two windows: the second one takes its reference frame from the video at 21 - 5 frames
+    rc, err = run_cli(["--video", str(video), "--audio", str(audio), "--output", str(out), "--max-seconds", "1.2",
+                       *SHORT], capsys)
     assert rc == 0, err
     assert "2 window(s)" in err
     with av.open(str(video)) as c:
         hw = (c.streams.video[0].codec_context.height, c.streams.video[0].codec_context.width)
-    check_video(out, hw, expect_frames=125)
+    check_video(out, hw, expect_frames=30)
 
 
 def test_two_speakers_with_boxes(media_dir, tmp_path, capsys):
@@ -120,9 +123,10 @@ def test_two_speakers_with_boxes(media_dir, tmp_path, capsys):
     rc, err = run_cli(["--image", str(src), "--audio", str(media_dir / "speaker1.wav"),
                        "--audio2", str(media_dir / "speaker2.wav"), "--audio-type", "para",
                        "--bbox1", f"0,0,{w // 2},{h}", "--bbox2", f"{w // 2},0,{w},{h}",
-                       "--output", str(out)], capsys)
+                       "--max-seconds", "1.5", *SHORT, "--output", str(out)], capsys)
     assert rc == 0, err
-    check_video(out, (h, w), expect_frames=audio_frames(media_dir / "speaker1.wav"))
+    assert "2 window(s)" in err
+    check_video(out, (h, w), expect_frames=37)
 
 
 def test_clip_mode_one_window(media_dir, tmp_path, capsys):

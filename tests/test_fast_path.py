@@ -21,7 +21,9 @@ from infinitetalk.models.attention import (
     rope_table_3d_f32,
     sdpa_attention_map,
 )
-from infinitetalk.runtime.fast import FastOptions, GuidedDiT, branch_groups, make_fast
+from infinitetalk.generation.guided_dit import GuidedDiT, branch_groups
+from infinitetalk.quant.fp8 import quantize_dit
+from infinitetalk.runtime.fast import FastOptions, make_fast
 from infinitetalk.weights.dit_loader import load_dit
 
 ALL_BRANCHES = ("cond", "drop_text", "drop_audio", "uncond")
@@ -249,7 +251,10 @@ def test_gpu_fast_path_against_float32(parity_dir, fp8):
     3 mantissa bits)."""
     torch._dynamo.reset()
     # fp8 runs eagerly here (one compile is enough device time for the test; the benchmark compiles fp8)
-    model = make_fast(_load(parity_dir, "cuda", torch.bfloat16), FastOptions(fp8=fp8, compile_blocks=not fp8))
+    model = _load(parity_dir, "cuda", torch.bfloat16)
+    if fp8:
+        quantize_dit(model)
+    model = make_fast(model, FastOptions(compile_blocks=not fp8))
     for name, tensors in _cases(parity_dir):
         with torch.inference_mode():
             preds = _guided(model, tensors, "cuda", batch_guidance=True).predict(tensors["x"].cuda(), tensors["t"].cuda())

@@ -201,7 +201,7 @@ def official_dit_weights():
 def test_dit_forward_within_quantisation_bound(fx, official_dit_weights):
     from infinitetalk.models.dit import InfiniteTalkDiT
     from infinitetalk.quant.gguf_linear import GGUFLinear
-    from infinitetalk.runtime.fp8 import Fp8Linear
+    from infinitetalk.quant.fp8 import Fp8Linear
     from infinitetalk.weights.dit_loader import load_dit
 
     if fx is None:

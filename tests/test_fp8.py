@@ -1,4 +1,4 @@
-"""fp8 linear layers (runtime/fp8.py) and quantised weight sources (weights/quant.py), on CPU.
+"""fp8 linear layers (quant/fp8.py), fp8 checkpoints and quantised weight sources (weights/), on CPU.
 
 The CPU path of Fp8Linear emulates the fp8 GEMM exactly (fp8 activations and weights, fp32
 sums), so the errors printed here are the errors the GPU kernel makes; the emulation itself is
@@ -14,17 +14,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from infinitetalk.errors import CheckpointError
-from infinitetalk.runtime.fp8 import (
+from infinitetalk.quant.fp8 import (
     FP8_DTYPE,
     Fp8Linear,
     fp8_layer_names,
     is_dit_fp8_layer,
-    load_fp8_checkpoint,
     quantize_activation_rowwise,
     quantize_module,
     quantize_weight_rowwise,
-    save_fp8_checkpoint,
 )
+from infinitetalk.weights.fp8_checkpoint import load_fp8_checkpoint, save_fp8_checkpoint
 from infinitetalk.weights.materialize import materialize, open_weights
 from infinitetalk.weights.quant import Fp8Source, open_quanto_checkpoint
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig
+from infinitetalk.quant.fp8 import Fp8Linear, quantize_activation_rowwise, quantize_dit
 from infinitetalk.runtime.fast import FastOptions, make_fast
-from infinitetalk.runtime.fp8 import Fp8Linear, quantize_activation_rowwise
 from infinitetalk.runtime.fp8_gelu import (
     Fp8GeluFfn,
     gelu_quantize_reference,
@@ -83,14 +83,17 @@ def test_forward_quantized_checks_its_input():
 def test_make_fast_swaps_the_ffn_of_fp8_blocks_and_back():
     torch.manual_seed(0)
     model = InfiniteTalkDiT(WanDiTConfig.tiny()).eval()
-    make_fast(model, FastOptions(fp8=True, fp8_fused_gelu=False, compile_blocks=False))
+    make_fast(model, FastOptions(compile_blocks=False))  # no fp8 layers: nothing to fuse
+    assert all(type(b.ffn) is nn.Sequential and type(b.ffn[0]) is nn.Linear for b in model.blocks)
+    quantize_dit(model)
+    make_fast(model, FastOptions(fp8_fused_gelu=False, compile_blocks=False))
     assert all(type(b.ffn) is nn.Sequential and isinstance(b.ffn[0], Fp8Linear) for b in model.blocks)
     keys = set(model.state_dict())
-    make_fast(model, FastOptions(fp8=True, compile_blocks=False))
+    make_fast(model, FastOptions(compile_blocks=False))
     assert all(isinstance(b.ffn, Fp8GeluFfn) for b in model.blocks)
     assert set(model.state_dict()) == keys
-    make_fast(model, FastOptions(compile_blocks=False))  # layers loaded in fp8 are fused without fp8=True too
-    assert all(isinstance(b.ffn, Fp8GeluFfn) for b in model.blocks)
+    make_fast(model, FastOptions(fp8_fused_gelu=False, compile_blocks=False))
+    assert all(type(b.ffn) is nn.Sequential and isinstance(b.ffn[0], Fp8Linear) for b in model.blocks)
 
 
 @pytest.mark.gpu

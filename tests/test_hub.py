@@ -48,3 +48,37 @@ def test_download_plan_only_needed_files():
 def test_unreachable_hub_gives_sentence(tmp_path):
     with pytest.raises(HubError, match="Could not download"):
         download_weights(tmp_path, "single", endpoint="http://127.0.0.1:9")
+
+
+def test_from_pretrained_hub_id_downloads_local_path_is_used_as_is(tmp_path):
+    """The official hub id fetches into the default folder (here: a clean HubError, the hub is
+    unreachable); a local folder of the same name is read as it is, without any download."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os\n"
+        "from infinitetalk import InfiniteTalk, HubError, MissingWeightsError\n"
+        "try:\n"
+        "    InfiniteTalk.from_pretrained('MeiGen-AI/InfiniteTalk', device='cpu')\n"
+        "except HubError as err:\n"
+        "    print('HUB', err)\n"
+        "os.makedirs('MeiGen-AI/InfiniteTalk')\n"
+        "try:\n"
+        "    InfiniteTalk.from_pretrained('MeiGen-AI/InfiniteTalk', device='cpu')\n"
+        "except MissingWeightsError as err:\n"
+        "    print('LOCAL', err)\n"
+    )
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0", HF_HUB_ETAG_TIMEOUT="2",
+               HF_HUB_DOWNLOAD_TIMEOUT="2", INFINITETALK_WEIGHTS=str(tmp_path / "default"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    hub = [ln for ln in proc.stdout.splitlines() if ln.startswith("HUB ")]
+    assert hub and "Could not download" in hub[0], proc.stdout
+    assert (tmp_path / "default").is_dir()  # the download went to the default weights folder
+    local = proc.stdout[proc.stdout.index("LOCAL "):]
+    assert "Model weights not found in MeiGen-AI/InfiniteTalk" in local, proc.stdout
+    assert proc.stderr.count("fetching the missing") == 1, proc.stderr  # the local path downloaded nothing

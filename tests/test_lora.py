@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from test_fp8 import DIM, FFN, TinyDiT, build_tiny, dit_predicate, rms_rel, tiny_inputs
 
 from infinitetalk.errors import CheckpointError
-from infinitetalk.runtime.fp8 import FP8_DTYPE, fp8_layer_names, quantize_module, save_fp8_checkpoint
+from infinitetalk.quant.fp8 import FP8_DTYPE, fp8_layer_names, quantize_module
+from infinitetalk.weights.fp8_checkpoint import save_fp8_checkpoint
 from infinitetalk.weights.lora import LoraMergedSource, kohya_to_module, load_lora
 from infinitetalk.weights.materialize import materialize, open_weights
 from infinitetalk.weights.quant import Fp8Source

@@ -9,8 +9,8 @@ import torch
 from infinitetalk.config import GenerationConfig
 from infinitetalk.errors import InputError, ResumeError
 from infinitetalk.generation.inputs import GenerationRequest, parse_box, prepare_inputs, read_input_json
-from infinitetalk.generation.job_state import JobDir, JobState
-from infinitetalk.generation.pipeline import config_for
+from infinitetalk.generation.job_state import JobDir, JobState, file_digest
+from infinitetalk.generation.components import config_for
 
 
 def test_official_json_bbox_rows_become_our_x_horizontal(tmp_path, media_dir):
@@ -79,8 +79,9 @@ def test_tiny_config_defaults():
         config_for("nope")
 
 
-def _state(n: int) -> JobState:
-    return JobState(n, 81 * n, torch.randn(3, 9, 8, 8), torch.Generator().manual_seed(n).get_state())
+def _state(n: int, job=None) -> JobState:
+    segments = [(file_digest(job.segment_path(i)), 81) for i in range(n)] if job is not None else []
+    return JobState(n, 81 * n, torch.randn(3, 9, 8, 8), torch.Generator().manual_seed(n).get_state(), segments)
 
 
 def test_job_dir_resume_and_mismatch(tmp_path):
@@ -90,13 +91,16 @@ def test_job_dir_resume_and_mismatch(tmp_path):
     assert job.start({"seed": 1}, resume=False) is None
     for i in range(3):
         job.segment_path(i).write_bytes(b"seg")
-    job.save_state(_state(2))  # windows 0, 1 finished; segment 2 was killed before its state
+    job.save_state(_state(2, job))  # windows 0, 1 finished; segment 2 was killed before its state
     state = JobDir(out).start({"seed": 1}, resume=True)
     assert state.next_window == 2 and state.frames_written == 162
     assert not job.segment_path(2).exists() and job.segment_path(1).exists()
     with pytest.raises(ResumeError, match="seed"):
         JobDir(out).start({"seed": 2}, resume=True)
-    assert JobDir(out).start({"seed": 2}, resume=False) is None  # starting over clears the folder
+    with pytest.raises(ResumeError, match="--restart"):  # finished windows are never discarded silently
+        JobDir(out).start({"seed": 2}, resume=False)
+    assert job.segment_path(0).exists()
+    assert JobDir(out).start({"seed": 2}, resume=False, restart=True) is None  # on purpose: clears the folder
     assert not job.segment_path(0).exists()
 
 

@@ -10,10 +10,9 @@ import torch
 
 from infinitetalk.errors import CheckpointError, MissingWeightsError
 from infinitetalk.models.text import TextEncoder, UMT5Config, UMT5Encoder
+from infinitetalk.models.tokenizer import ByteTokenizer, clean_prompt
 from infinitetalk.weights.t5_loader import (
-    ByteTokenizer,
     UMT5Tokenizer,
-    clean_prompt,
     load_text_encoder,
     load_tokenizer,
     load_umt5_encoder,

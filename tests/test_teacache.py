@@ -7,7 +7,7 @@ import torch
 from infinitetalk.config import GenerationConfig
 from infinitetalk.generation.sampler import BlockCache, draw_window_noise, sample_window
 from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig
-from infinitetalk.runtime.fast import GuidedDiT
+from infinitetalk.generation.guided_dit import GuidedDiT
 
 
 def _tiny_model():

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from infinitetalk.errors import InputError
+from infinitetalk.errors import InternalError
 from infinitetalk.models.vae import DecodeTiling, WanVAE, WanVAEConfig, count_parameters
 
 
@@ -123,8 +123,8 @@ def test_bfloat16_runs_and_stays_close(tiny, video):
     assert _rel(out, ref_out) < 1e-1
 
 
-def test_bad_shapes_raise_input_error(tiny):
-    with pytest.raises(InputError, match="frames, height, width"):
+def test_bad_shapes_raise_internal_error(tiny):
+    with pytest.raises(InternalError, match="frames, height, width"):
         tiny.encode(torch.zeros(1, 4, 5, 16, 16))
-    with pytest.raises(InputError, match="16, frames"):
+    with pytest.raises(InternalError, match="16, frames"):
         tiny.decode(torch.zeros(1, 8, 2, 2, 2))

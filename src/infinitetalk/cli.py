@@ -1,18 +1,30 @@
 """The `infinitetalk` command: generate, download, info.
 
-Every InfiniteTalkError (bad input, missing weights, ...) is printed as its sentence, without a
-traceback, with exit code 2. Inputs are checked before any model is loaded, and a failed job
-never leaves a file at the output path.
+It parses the arguments, builds the `JobSpec`, runs it through the job service and renders the
+service's progress events (`infinitetalk.console`). Exit codes:
+
+- 0 done; 2 an InfiniteTalkError (bad input, missing weights, ...): its sentence, no traceback.
+- 130 Ctrl-C: the first one cancels at the next sampler step or window boundary, the second stops
+  at once; either way the finished windows are kept and the printed command (the same one plus
+  --resume) continues the job. No partial MP4 is left at the output path.
+- 1 an internal error (a bug): one line "internal error, please report it: ..." naming a log file
+  with the traceback, in the system temp folder: $TMPDIR/infinitetalk/error-<time>-<pid>.log.
 """
 from __future__ import annotations
 
 import argparse
-import logging
-import math
+import os
+import shlex
+import signal
 import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Iterator, Optional
 
+from . import __version__, errors
 from .errors import InfiniteTalkError, InputError
 
 GENERATE_EXAMPLES = """\
@@ -29,7 +41,7 @@ examples:
       --bbox1 0,0,640,720 --bbox2 640,0,1280,720 --variant multi --output duo.mp4
 
   # the official input JSON (prompt, cond_video, cond_audio, audio_type, bbox)
-  infinitetalk generate --input-json examples/single_example_image.json --output out.mp4
+  infinitetalk generate --input-json examples/single.json --output out.mp4
 
   # try everything in seconds without weights: small RANDOM models (output is noise)
   infinitetalk generate --model tiny --image face.png --audio speech.wav --output test.mp4
@@ -90,6 +102,10 @@ def _add_generate(sub) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--output", "-o", metavar="PATH", required=True, help="the MP4 file to write")
     out.add_argument("--resume", action="store_true", help="continue an interrupted job writing the same output")
+    out.add_argument("--restart", action="store_true",
+                     help="discard the interrupted job writing the same output and start over")
+    out.add_argument("--official-sound", action="store_true",
+                     help="mux the 16 kHz mono speech the model hears (official) instead of the original sound")
     out.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
 
     gen = p.add_argument_group("generation")
@@ -104,6 +120,11 @@ def _add_generate(sub) -> None:
     gen.add_argument("--text-guide-scale", type=float, default=None, help="text guidance (default 5; 1 = two passes)")
     gen.add_argument("--audio-guide-scale", type=float, default=None, help="audio guidance (default 4)")
     gen.add_argument("--shift", type=float, default=None, help="flow shift (default 7 at 480, 11 at 720)")
+    gen.add_argument("--frame-num", type=int, default=None, metavar="N",
+                     help="frames per window, 4n+1 (default 81; official --frame_num)")
+    gen.add_argument("--motion-frame", type=int, default=None, metavar="N",
+                     help="frames of the previous window that condition the next one (default 9; "
+                          "official --motion_frame)")
     gen.add_argument("--color-correction", type=float, default=None, metavar="STRENGTH",
                      help="colour correction towards the reference, 0..1 (default 1)")
     gen.add_argument("--teacache", action="store_true", help="skip some model evaluations (TeaCache, threshold 0.2)")
@@ -129,6 +150,16 @@ def _add_generate(sub) -> None:
     model.add_argument("--no-fast", dest="fast", action="store_false", default=None,
                        help="use the reference kernels instead of the fast GPU path (for comparisons)")
     _add_component_options(model)
+    model.add_argument("--vram", metavar="GB|auto", type=_vram_value, default="auto",
+                       help="VRAM the job may use: DiT blocks stream from host memory and the other models sit on "
+                            "the GPU only while they run (default auto: the GPU's free memory; see "
+                            "`infinitetalk info --vram GB` for the plan)")
+    par = p.add_argument_group("several GPUs")
+    par.add_argument("--gpus", type=int, default=None, metavar="N",
+                     help="share each step over N GPUs (cuda:0..N-1; with --device cpu: N CPU processes, for "
+                          "tests); torchrun -m infinitetalk generate ... works too")
+    par.add_argument("--branch-groups", type=int, default=None, metavar="G",
+                     help="run the guidance branches on G groups of GPUs (default: chosen from N and the branches)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -155,6 +186,19 @@ def _component_files(args: argparse.Namespace, variant: str, say=lambda *a: None
     return files
 
 
+def _vram_value(text: str):
+    """--vram: a positive number of GB or 'auto' (argparse prints the error, exit code 2)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the VRAM budget must be a number of GB or 'auto', not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the VRAM budget must be positive, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infinitetalk",
@@ -163,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"infinitetalk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
     dl = sub.add_parser("download", help="fetch the official weights from the Hugging Face hub (resumable)",
@@ -180,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, device, and where weights are found")
     info.add_argument("--weights", metavar="DIR", default=None, help="also check this weights folder")
     _add_component_options(info)
+    info.add_argument("--vram", metavar="GB", type=_vram_value, default=None,
+                      help="print the memory plan of a job under this VRAM budget (14B model)")
+    info.add_argument("--size", type=int, choices=(480, 720), default=480, help="size bucket set of that plan")
+    info.add_argument("--fp8", action="store_true", help="plan with the DiT block layers in fp8")
+    info.add_argument("--speakers", type=int, choices=(1, 2), default=1, help="speakers of that plan")
+    info.add_argument("--preset", default=None, help="a preset with text guidance 1 (fast, fusionx) plans two passes")
     info.set_defaults(func=cmd_info)
     from .ui.options import add_ui_parser  # `infinitetalk ui`: the web page (gradio is imported only when it runs)
 
@@ -187,62 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch_cli import add_batch_parser  # `infinitetalk batch`: many jobs, the models loaded once
 
     add_batch_parser(sub, sub.choices["generate"])
+
+    # serve: the HTTP API (extra `server`; FastAPI is imported only when the command runs)
+    from .server.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
-
-
-# ---- progress ------------------------------------------------------------------------------
-
-
-def _clock(seconds: Optional[float]) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "--:--"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-class ConsolePrinter:
-    """Typed progress events -> lines on stderr (elapsed time and ETA from the events).
-
-    On a terminal the step line is rewritten in place; otherwise only window lines are printed.
-    """
-
-    def __init__(self, stream: TextIO = sys.stderr):
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._open_line = False
-
-    def _line(self, text: str, transient: bool = False) -> None:
-        if self.tty and transient:
-            self.stream.write("\r\x1b[2K" + text)
-            self._open_line = True
-        else:
-            if self._open_line:
-                self.stream.write("\n")
-                self._open_line = False
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def __call__(self, event) -> None:
-        from . import progress as ev
-
-        times = f"elapsed {_clock(event.elapsed_s)}  eta {_clock(event.eta_s)}"
-        if isinstance(event, ev.JobStarted):
-            self._line(f"{event.frames} frames ({event.duration_s:.2f} s) at {event.width}x{event.height}, "
-                       f"{event.windows} window(s) of {event.steps} steps, seed {event.seed}")
-        elif isinstance(event, ev.StageStarted) and event.message:
-            self._line(event.message + " ...")
-        elif isinstance(event, ev.WindowFinished):
-            self._line(f"window {event.index + 1}/{event.count} done  {times}")
-        elif isinstance(event, ev.StepFinished) and self.tty:
-            self._line(f"  window {event.window + 1}/{event.windows} step {event.step}/{event.steps}  {times}",
-                       transient=True)
-        elif isinstance(event, ev.Notice):
-            self._line(("note: " if event.level != "info" else "") + event.message)
-        elif isinstance(event, ev.JobFinished) and event.output:
-            self._line(f"wrote {event.output} ({event.frames} frames, {event.duration_s:.2f} s) "
-                       f"in {_clock(event.elapsed_s)}")
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -259,6 +260,7 @@ def job_spec(args: argparse.Namespace):
         fp8_attention=args.fp8_attention, loras=tuple(_loras(args)),
         files=tuple((field, getattr(args, f"file_{field}")) for field in COMPONENT_OPTIONS.values()
                     if getattr(args, f"file_{field}", None)),
+        vram=args.vram,
     )
     return JobSpec(
         output=args.output, audio=args.audio, image=args.image, video=args.video, audio2=args.audio2,
@@ -266,19 +268,128 @@ def job_spec(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative_prompt, input_json=args.input_json, preset=args.preset,
         size=args.size, mode=args.mode, steps=args.steps, seed=args.seed, shift=args.shift,
         text_guide_scale=args.text_guide_scale, audio_guide_scale=args.audio_guide_scale,
-        color_correction=args.color_correction, teacache=args.teacache, max_seconds=args.max_seconds,
-        resume=args.resume, runtime=runtime, text=args.text, text_file=args.text_file, voice=args.voice,
+        color_correction=args.color_correction, frame_num=args.frame_num, motion_frame=args.motion_frame,
+        teacache=args.teacache, max_seconds=args.max_seconds,
+        resume=args.resume, restart=args.restart, official_sound=args.official_sound, runtime=runtime, text=args.text, text_file=args.text_file, voice=args.voice,
         voice2=args.voice2, lang=args.lang, speed=args.speed, save_audio=args.save_audio,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .console import make_display
+    from .progress import CancelToken, JobStarted
     from .service import JobService
 
     spec = job_spec(args)
-    progress = None if args.quiet else ConsolePrinter(sys.stderr)
-    JobService().run(spec, progress=progress)
+    display = None if args.quiet else make_display(sys.stderr)
+    planned: list = []
+
+    def on_event(event) -> None:
+        if isinstance(event, JobStarted):
+            planned.append(event.windows)
+        if display is not None:
+            display(event)
+
+    token = CancelToken()
+    service = JobService()
+    world = _parallel_world(args, spec)
+    if world > 1:  # several ranks: start them (this process returns their result) or be one of them
+        import torch
+
+        from .runtime.parallel import ParallelContext
+        from .runtime.parallel_launch import rank_device, start_or_join
+
+        device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+        launched = start_or_join(cmd_generate, args, world, device_type)
+        if launched is not None:
+            return launched
+        parallel = ParallelContext(branch_groups=args.branch_groups)
+        spec = spec.with_(runtime=spec.runtime.with_(device=str(rank_device(device_type))))
+        service = JobService(parallel=parallel)
+        if not parallel.is_leader:
+            display = None
+    try:
+        with _ctrl_c_cancels(token):
+            service.run(spec, progress=on_event, cancel=token)
+    except (errors.JobCancelledError, KeyboardInterrupt):
+        if display is not None:
+            display.close()
+        print(_cancelled_message(spec.output, planned[-1] if planned else None, getattr(args, "argv", None)),
+              file=sys.stderr)
+        return 130
+    finally:
+        if display is not None:
+            display.close()
     return 0
+
+
+@contextmanager
+def _ctrl_c_cancels(token) -> Iterator[None]:
+    """SIGINT -> cancel `token` (the job stops at its next step or window boundary); a second
+    SIGINT raises KeyboardInterrupt at once. The previous handler comes back afterwards."""
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        if token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel()
+        sys.stderr.write("\nstopping after the current step (Ctrl-C again to stop at once)\n")
+        sys.stderr.flush()
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _resume_command(argv: Optional[list]) -> str:
+    words = list(argv if argv is not None else sys.argv[1:])
+    if "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(["infinitetalk", *words])
+
+
+def _cancelled_message(output: str, windows: Optional[int], argv: Optional[list]) -> str:
+    """The one message after a cancel: what is kept and the exact command that continues."""
+    from .generation.job_state import JobDir
+
+    job = JobDir(Path(output).expanduser())
+    try:
+        state = job.load_state()
+    except InfiniteTalkError:
+        state = None
+    done = state.next_window if state is not None else 0
+    of = f" of {windows}" if windows else ""
+    if done:
+        kept = f"{done}{of} window(s) are finished and kept in {job.root}"
+    else:
+        kept = "no window was finished yet"
+    return f"cancelled: {kept}; no video was written. To continue, run:\n  {_resume_command(argv)}"
+
+
+def _parallel_world(args: argparse.Namespace, spec) -> int:
+    """The job's rank count (--gpus or torchrun), its layout checked before anything starts."""
+    from .runtime.parallel_launch import requested_world
+    from .service.runner import resolve_config
+
+    world = requested_world(getattr(args, "gpus", None))
+    if world > 1 or getattr(args, "branch_groups", None):
+        cfg = resolve_config(spec)
+        from .generation.guidance import branches_for
+        from .runtime.parallel import model_heads, plan_layout
+
+        plan_layout(world, len(branches_for(cfg.text_guide_scale)), model_heads(args.model), cfg.latent_frames,
+                    args.branch_groups)
+    return world
 
 
 def _loras(args: argparse.Namespace) -> list:
@@ -349,6 +460,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     files = _component_files(args, "single")
     print(f"components for {files.root} ({'complete' if not files.missing() else 'incomplete'}):")
     print("\n".join(describe(files)))
+    if args.vram is not None:
+        print(_vram_plan(args))
     roots = [default_weights_dir()] + ([Path(args.weights).expanduser()] if args.weights else [])
     for root in roots:
         for variant in VARIANTS:
@@ -366,24 +479,106 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vram_plan(args: argparse.Namespace) -> str:
+    """`info --vram GB`: the plan of a 14B job (bf16 on a GPU) of --size, --fp8, --speakers."""
+    import torch
+
+    from .config import GenerationConfig
+    from .runtime.offload import host_ram_available, resolve_budget
+    from .runtime.offload_plan import OffloadModels, plan_offload
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    budget = resolve_budget(args.vram, device)
+    if budget is None:
+        raise InputError("--vram auto needs a CUDA GPU to read its free memory; give a number of GB.")
+    cfg = GenerationConfig.from_preset(args.preset) if args.preset else GenerationConfig()
+    models = OffloadModels.infinitetalk_14b(torch.bfloat16, args.fp8)
+    plan = plan_offload(models, budget, size=args.size, speakers=args.speakers, passes=2 if cfg.two_pass_guidance else 3,
+                        host_ram_bytes=host_ram_available())
+    return plan.describe()
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """An InfiniteTalkError meant for the user (an internal-error type, if one exists, is not)."""
+    internal = getattr(errors, "InternalError", ())
+    return isinstance(err, InfiniteTalkError) and not isinstance(err, internal)
+
+
+def error_log_dir() -> Path:
+    """Where internal-error reports go: the system temp folder's infinitetalk/ (see module doc)."""
+    return Path(tempfile.gettempdir()) / "infinitetalk"
+
+
+def _write_error_log(err: BaseException, argv: Optional[list]) -> Path:
+    import platform
+
+    folder = error_log_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = "absent"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(f"infinitetalk {__version__}, python {platform.python_version()}, torch {torch_version}, "
+                 f"{platform.platform()}\n")
+        fh.write(f"command: {shlex.join(['infinitetalk', *(argv if argv is not None else sys.argv[1:])])}\n\n")
+        fh.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    return path
+
+
+def _internal_error(err: BaseException, argv: Optional[list]) -> int:
+    text = " ".join(str(err).split())
+    if len(text) > 200:
+        text = text[:197] + "..."
+    try:
+        where = f"details in {_write_error_log(err, argv)}"
+    except OSError as log_err:
+        where = f"the log could not be written: {log_err}; run again with --verbose"
+    print(f"internal error, please report it: {type(err).__name__}: {text} ({where})", file=sys.stderr)
+    return 1
+
+
+VALUE_OPTIONS = ("--bbox1", "--bbox2", "--prompt", "--negative-prompt")
+"""Options whose value may start with '-' (a box at x = -10, a prompt "- smiling")."""
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """`--bbox1 -10,0,50,50` -> `--bbox1=-10,0,50,50`, so argparse does not take the value for an
+    option and the box reaches the box check (which says what is wrong with it)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .console import configure_logging
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING
-    if getattr(args, "quiet", False) and not args.verbose:
-        level = logging.ERROR
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args(_attach_dash_values(list(sys.argv[1:] if argv is None else argv)))
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    configure_logging(verbose=args.verbose, quiet=getattr(args, "quiet", False) and not args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
-    except InfiniteTalkError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted (finished windows are kept; add --resume to continue)", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends in one of two kinds of message
+        if _is_user_error(err):
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        return _internal_error(err, args.argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ and there is no frame cap by default (the official streaming cap is 1000 frames 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
 from infinitetalk.errors import InputError
@@ -68,7 +68,6 @@ class GenerationConfig:
     face_scale: float = 0.05
     bucket_longest_side: Optional[int] = None
     num_train_timesteps: int = 1000
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,8 +116,14 @@ class GenerationConfig:
             raise InputError(f"face_scale must be in [0, 0.5), got {self.face_scale}.")
         if self.bucket_longest_side is not None and self.bucket_longest_side < 16:
             raise InputError(f"bucket_longest_side must be at least 16 pixels, got {self.bucket_longest_side}.")
-        if self.seed < 0:
-            raise InputError(f"seed must be >= 0, got {self.seed}.")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be from 0 up to 2**63-1, got {self.seed}.")
+        for name in ("text_guide_scale", "audio_guide_scale", "apg_momentum", "apg_norm_threshold", "teacache_thresh",
+                     "color_correction_strength"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name} must be a finite number, got {getattr(self, name)}.")
+        if self.shift is not None and not math.isfinite(self.shift):
+            raise InputError(f"shift must be a finite number, got {self.shift}.")
 
     def with_(self, **changes: Any) -> "GenerationConfig":
         """A copy with some fields changed (validated)."""

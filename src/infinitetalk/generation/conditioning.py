@@ -7,7 +7,7 @@ Follows SPEC.md "One window" (official `generate_infinitetalk`):
 
 The per-branch DiT calls (cond: prompt + audio; drop_text: negative prompt + audio; uncond:
 negative prompt + dropped audio; drop_audio: prompt + dropped audio, the dropped audio being
-`zeros_like(audio)[-1:]`) are made by `runtime.fast.GuidedDiT`, which also computes the
+`zeros_like(audio)[-1:]`) are made by `generation.guided_dit.GuidedDiT`, which also computes the
 text/CLIP/audio keys and values once per window.
 """
 from __future__ import annotations

@@ -19,6 +19,9 @@ from typing import Literal, Mapping, Optional, Union
 import torch
 
 Branch = Literal["cond", "drop_text", "uncond", "drop_audio"]
+BRANCHES: tuple[Branch, ...] = ("cond", "drop_text", "uncond", "drop_audio")
+NULL_TEXT_BRANCHES: frozenset[Branch] = frozenset({"drop_text", "uncond"})  # the negative prompt
+NULL_AUDIO_BRANCHES: frozenset[Branch] = frozenset({"uncond", "drop_audio"})  # zeros_like(audio)[-1:]
 TWO_PASS: tuple[Branch, ...] = ("cond", "drop_audio")
 THREE_PASS: tuple[Branch, ...] = ("cond", "drop_text", "uncond")
 

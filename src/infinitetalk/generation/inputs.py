@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from ..config import GenerationConfig
 from ..errors import InputError, MediaError
 from ..media.audio import SPEAKER_MODES, SpeakerTracks, load_speakers
+from ..media.images import regular_file, sniff_svg, svg_error
 from ..media.frames import (
     VideoFrameReader,
     choose_bucket,
@@ -109,7 +110,6 @@ class PreparedInputs:
     tracks: Optional[SpeakerTracks]
     masks: torch.Tensor
     boxes: Optional[list[tuple[int, int, int, int]]] = None
-    checksums: dict = field(default_factory=dict)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -136,14 +136,7 @@ def _is_image_file(path: Path) -> bool:
 def _check_file(path: Optional[PathLike], what: str) -> Optional[Path]:
     if path is None:
         return None
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"The {what} file {p} does not exist. Check the path.")
-    if p.is_dir():
-        raise InputError(f"The {what} path {p} is a folder; give a file.")
-    if p.stat().st_size == 0:
-        raise InputError(f"The {what} file {p} is empty (0 bytes).")
-    return p
+    return regular_file(path, what)  # folders, FIFOs, devices and empty files named as such
 
 
 def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -204,6 +197,8 @@ def prepare_inputs(request: GenerationRequest, cfg: GenerationConfig,
 
     # conditioning frame
     if request.image is not None:
+        if sniff_svg(source):
+            raise svg_error(source, "--image")
         if not _is_image_file(source) and _looks_like_video(source):
             raise MediaError(f"{source} is a video, not an image: pass it with --video to dub it.")
         first = load_image(source)

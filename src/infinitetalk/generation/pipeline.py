@@ -23,38 +23,48 @@ Host memory holds one window of frames at a time, so it does not grow with the v
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+import contextlib
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .. import __version__
 from ..config import FPS, GenerationConfig
 from ..errors import InputError
-from ..media.frames import VideoFrameReader, prepare_frame
+from ..media.frames import VideoFrameReader, bucket_hw as _bucket_hw, prepare_frame
 from ..media.segments import concat_segments, write_segment
+from ..media.soundtrack import sound_track
 from ..media.writer import to_uint8_frames
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
-from .audio_windows import audio_window, extend_by_reflection
+from .audio_windows import audio_for_window
 from .color import match_and_blend_colors
-from ..runtime.fast import GuidedDiT
+from .guided_dit import GuidedDiT
 from .conditioning import image_condition, motion_latent
 from .guidance import Guidance
 from .inputs import (
     GenerationRequest,
     PreparedInputs,
     boxes_from_official,
-    features_checksum,
-    input_checksums,
     prepare_inputs,
-    prompt_hash_material,
 )
-from .job_state import JobDir, JobState
+from .components import (
+    CUSTOM_MODEL,
+    MODEL_NAMES,
+    Components,
+    config_for,
+    default_device,
+    default_dtype,
+    job_settings,
+    offload_for,
+    official_components,
+    runtime_settings,
+    tiny_components,
+)
+from .job_state import JobDir, JobState, OutputLock, file_digest
 from .sampler import draw_window_noise, sample_window
 from .windows import Window, WindowPlan, plan_windows
 
@@ -64,104 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-MODEL_NAMES = ("infinitetalk-14b", "tiny")
-CUSTOM_MODEL = "custom"  # components given in memory (`InfiniteTalk.from_components`)
-
-
-def model_defaults(model: str) -> dict:
-    """GenerationConfig fields a model changes from the official defaults (tiny: 128 px buckets).
-
-    The tiny model keeps the official 40 steps: a 10 s portrait video takes about 25 s on a
-    2-core CPU (43 s CPU time), well under the one-minute goal.
-    """
-    if model == "tiny":
-        from ..runtime.tiny_models import TINY_LONGEST_SIDE
-
-        return {"bucket_longest_side": TINY_LONGEST_SIDE}
-    if model == CUSTOM_MODEL:
-        return {}
-    if model not in MODEL_NAMES:
-        raise InputError(f"Unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}.")
-    return {}
-
-
-def config_for(model: str, config: Optional[GenerationConfig] = None, **settings) -> GenerationConfig:
-    """The settings for `model`: `config` (or the model's defaults) with `settings` on top.
-
-    A tiny model always uses its 128 px buckets unless `bucket_longest_side` is set explicitly.
-    """
-    defaults = model_defaults(model)
-    if config is None:
-        return GenerationConfig().with_(**{**defaults, **settings})
-    cfg = config.with_(**settings) if settings else config
-    if "bucket_longest_side" in defaults and cfg.bucket_longest_side is None:
-        cfg = cfg.with_(bucket_longest_side=defaults["bucket_longest_side"])
-    return cfg
-
-
-def job_settings(
-    inputs: PreparedInputs,
-    cfg: GenerationConfig,
-    model: str,
-    variant: str,
-    device: Union[str, torch.device, None] = None,
-    dtype: Optional[torch.dtype] = None,
-    runtime: Optional[dict] = None,
-) -> dict:
-    """Everything that decides a job's video (the resume settings hash covers this).
-
-    Input files enter by checksum, so renaming them does not matter but changing them does.
-    """
-    dev = torch.device(device) if device is not None else default_device()
-    dt = dtype if dtype is not None else default_dtype(dev)
-    return {
-        "package": __version__,
-        "model": model,
-        "variant": variant,
-        "device": dev.type,
-        "dtype": str(dt),
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
-        "request": prompt_hash_material(inputs.request),
-        "target_hw": list(inputs.target_hw),
-        "inputs": list(input_checksums(inputs.request).values()),
-        "features": features_checksum(inputs.request.features) if inputs.request.features is not None else None,
-        "runtime": runtime or runtime_settings(False, ()),
-    }
-
-
-def runtime_settings(fp8: bool, loras: Sequence[tuple[PathLike, float]], fp8_attention: bool = False,
-                     *, fast: bool = False) -> dict:
-    """The model options that change the video (for the resume settings hash): fp8 layers, fp8
-    attention, the merged LoRAs (by file name and scale) and the fast path (VAE dtype, kernels)."""
-    return {"fp8": bool(fp8), "fp8_attention": bool(fp8_attention), "fast": bool(fast),
-            "loras": [[Path(p).name, float(scale)] for p, scale in loras]}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs (official param dtype), float32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-@dataclass
-class Components:
-    """The loaded models. `random` marks the tiny random models (outputs are not faces)."""
-
-    dit: torch.nn.Module
-    text_encoder: object
-    clip: torch.nn.Module
-    vae: torch.nn.Module
-    audio_encoder: torch.nn.Module
-    name: str
-    variant: str
-    random: bool
-    vae_chunk_latents: Optional[int] = 1
-    vae_fast: Optional[object] = None  # models.vae.VAEFastOptions on the fast GPU path
-    dit_fast: Optional[object] = None  # runtime.fast.FastOptions applied to the DiT (None: reference path)
-    runtime: dict = dataclasses.field(default_factory=dict)  # speed/weight options that change results
 
 
 @dataclass(frozen=True)
@@ -253,12 +165,17 @@ class InfiniteTalk:
         loras: Sequence[tuple[PathLike, float]] = (),
         fp8_attention: bool = False,
         files: Optional["ComponentFiles"] = None,
+        vram_budget: Union[float, str, None] = "auto",
+        vram_size: int = 720,
+        parallel: Optional[object] = None,
     ) -> "InfiniteTalk":
         """Load every model.
 
         path_or_repo: the weights folder (official layout, see `weights.hub`; None: the default
-        folder $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights). Missing files raise
-        MissingWeightsError listing them with the `infinitetalk download` command.
+        folder $INFINITETALK_WEIGHTS or ~/.cache/infinitetalk/weights), used as it is: missing files
+        raise MissingWeightsError listing them with the `infinitetalk download` command. The hub id
+        "MeiGen-AI/InfiniteTalk" (not an existing local path) fetches the missing files into the
+        default folder first, as `infinitetalk download` does (HubError when the hub is unreachable).
         variant: "single" or "multi" (the adapter for one or two speakers).
         model: "infinitetalk-14b" (official weights) or "tiny" (small random models of every
         component built from `seed`, no files needed; for tests, the output is not a face).
@@ -266,14 +183,22 @@ class InfiniteTalk:
         fast: the speed path (runtime.fast.FastOptions: cuDNN attention, float32 RoPE, compiled
         blocks; the VAE in bfloat16 with VAEFastOptions); None = on for CUDA, off on the CPU.
         fp8: the DiT's block linears in fp8 (e4m3, per-channel scales, fast accumulation on the
-        fast path; about half the memory).
+        fast path; half the weight memory of those layers).
         fp8_attention: the DiT's self-attention in fp8 through cuDNN (Hopper or later with
-        `pip install 'infinitetalk[fp8]'`; bf16 elsewhere, with a warning). Faster (H100 480p:
-        2.94 s instead of 3.33 s per forward; 2.32 s with `fp8`), less exact (14% relative L2 on
-        a random-weights forward, twice the error of fp8 linears alone).
+        `pip install 'infinitetalk[fp8]'`; bf16 elsewhere, with a warning): faster and less
+        exact than bf16 (speed and error in benchmarks/results).
         loras: (file, scale) LoRAs merged into the DiT at load (e.g. lightx2v for preset 'fast').
         files: the file of each component (`weights.locate.locate_components`: a ComfyUI models/
         folder, single-file overrides); None = found in `path_or_repo` (official or ComfyUI layout).
+        vram_budget: GB of VRAM the job may use (a number), "auto" (the GPU's free memory at start
+        minus a margin; no offloading on the CPU), None (every model resident on `device`) or an
+        `OffloadPlan` from `runtime.offload_plan.plan_offload` (for tools and tests).
+        Under a budget the models are loaded on the host and `runtime.offload` streams DiT blocks
+        and moves the other models onto the GPU only while they run (see `offload_plan`); a
+        number on the CPU builds and applies the plan too. vram_size: the size bucket set (480 or
+        720) the plan must fit (its largest bucket; default 720 fits every job).
+        parallel: a `runtime.parallel.ParallelContext` (every rank of the job calls this): the
+        ranks share each step; the text encoder, CLIP and wav2vec2 load and run on its first rank.
         """
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype if dtype is not None else default_dtype(dev)
@@ -285,79 +210,40 @@ class InfiniteTalk:
             raise InputError("The device 'cuda' was asked for but no CUDA GPU is available; use --device cpu.")
         use_fast = (dev.type == "cuda") if fast is None else bool(fast)
         loras = [(Path(p).expanduser(), float(scale)) for p, scale in loras]
+        offload = offload_for(model, dev, dt, fp8, vram_budget, vram_size)
+        place = torch.device("cpu") if offload is not None else dev
         if model == "tiny":
             if loras:
                 raise InputError("LoRAs change the official 14B weights; the tiny random model takes none.")
-            components = cls._tiny_components(seed, dev, dt, variant, fp8)
+            components = tiny_components(seed, place, dt, variant, fp8)
         else:
-            components = cls._official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, files)
+            encoders = parallel is None or parallel.is_leader
+            components = official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, files,
+                                                  place, encoders)
         components.runtime = runtime_settings(fp8, loras, fp8_attention, fast=use_fast)
+        if offload is not None:
+            offload.prepare_dit(components.dit)
         if use_fast:
             from ..runtime.fast import FastOptions, make_fast
 
             options = FastOptions(compile_blocks=dev.type == "cuda", fp8_fast_accum=fp8, fp8_attention=fp8_attention)
+            if offload is not None:
+                options = options.replace(ffn_chunks=offload.plan.ffn_chunks)
             make_fast(components.dit, options)
             components.dit_fast = options
         elif fp8_attention:
             log.warning("fp8 attention is part of the fast path; with fast=False the self-attention stays in %s.", dt)
+        if offload is not None:
+            components.dit.ffn_chunks = offload.plan.ffn_chunks
+            offload.attach(components)
+            components.offload = offload
+        if parallel is not None:
+            parallel.wrap_components(components, dev)
         return cls(components, dev, dt)
 
-    @staticmethod
-    def _tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant: str, fp8: bool = False) -> Components:
-        from ..runtime.tiny_models import build_tiny_models
-
-        log.info("model 'tiny': every component has RANDOM weights; the video shows noise, not a face")
-        tiny = build_tiny_models(seed, device, dtype)
-        if fp8:
-            from ..runtime.fp8 import is_dit_fp8_layer, quantize_module
-
-            quantize_module(tiny.dit, lambda name, _m: is_dit_fp8_layer(name))
-        return Components(
-            tiny.dit, tiny.text_encoder, tiny.clip, tiny.vae, tiny.audio_encoder, name="tiny", variant=variant,
-            random=True, vae_chunk_latents=8,
-        )
-
-    @staticmethod
-    def _official_components(
-        root: Optional[PathLike],
-        device: torch.device,
-        dtype: torch.dtype,
-        variant: str,
-        fp8: bool = False,
-        loras: Sequence[tuple[Path, float]] = (),
-        fast: bool = False,
-        files: Optional["ComponentFiles"] = None,
-    ) -> Components:
-        from ..weights.audio_loader import load_audio_encoder
-        from ..weights.clip_loader import load_clip_vision
-        from ..weights.dit_loader import load_dit
-        from ..weights.locate import locate_components
-        from ..weights.t5_loader import load_text_encoder
-        from ..weights.vae_loader import load_vae
-
-        layout = (files or locate_components(root, variant)).require().fetch_extras()
-        clip_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official clip dtype
-        log.info("loading the models from %s onto %s (%s)", layout.root, device, dtype)
-        missing = [str(p) for p, _ in loras if not p.is_file()]
-        if missing:
-            from ..errors import MissingWeightsError
-
-            raise MissingWeightsError(f"LoRA file not found: {', '.join(missing)}.", missing=missing)
-        dit = load_dit(layout.dit, layout.adapter, device=device, dtype=dtype, loras=loras, fp8=fp8).eval()
-        text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=device, dtype=dtype)
-        clip = load_clip_vision(layout.clip, device=device, dtype=clip_dtype).eval()
-        vae_fast = None
-        if fast and device.type == "cuda":
-            from ..models.vae import VAEFastOptions
-
-            vae_fast = VAEFastOptions()  # bf16: H100 81x640x640 decode 1.17 s vs 2.98 s in fp32
-        vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
-        vae = load_vae(layout.vae, device=device, dtype=vae_dtype).eval()
-        audio = load_audio_encoder(layout.wav2vec2, device=device, dtype=torch.float32, config_dir=layout.audio_config).eval()
-        return Components(
-            dit, text, clip, vae, audio, name="infinitetalk-14b", variant=variant, random=False,
-            vae_chunk_latents=None if vae_fast is not None else 1, vae_fast=vae_fast,
-        )
+    def memory_plan(self) -> Optional[str]:
+        """The VRAM plan in words (what is resident, what streams, VRAM and host RAM), or None without one."""
+        return self.components.offload.plan.describe() if self.components.offload is not None else None
 
     # ---- settings ------------------------------------------------------------------------
     def default_config(self, **settings) -> GenerationConfig:
@@ -437,6 +323,10 @@ class InfiniteTalk:
         resume: bool = False,
         cancel: Optional[CancelToken] = None,
         settings: Optional[dict] = None,
+        *,
+        restart: bool = False,
+        sound: str = "original",
+        lock: Optional[OutputLock] = None,
         **request,
     ) -> Path:
         """Make the whole video into `output` (MP4, H.264 + AAC, 25 fps) and return its path.
@@ -451,6 +341,9 @@ class InfiniteTalk:
         stops the job at the next step or window boundary with JobCancelledError, finished
         windows kept. `settings` is the resume key (the job service builds it from the whole
         job description; by default it is built from the inputs, config and loaded models).
+        Finished windows are never discarded silently: without `resume` that is an error unless
+        `restart`. The job holds the output's `OutputLock` (`lock`: one the caller holds). `sound`:
+        "original" (the speech at its own rate and channels) or "official" (the 16 kHz mono mix).
         """
         if inputs is None:
             inputs, config = self.prepare(config, **request)
@@ -459,32 +352,48 @@ class InfiniteTalk:
         output = Path(output).expanduser()
         if output.is_dir():
             raise InputError(f"The output path {output} is a folder; give a file name such as {output / 'out.mp4'}.")
-        self._check_options(inputs, config)
+        if sound not in ("original", "official"):
+            raise InputError(f"sound must be 'original' or 'official', not {sound!r}.")
         plan = self.plan(inputs, config)
         tracker = progress if isinstance(progress, ProgressTracker) else ProgressTracker(progress, cancel)
+        par = self.components.parallel
+        own_lock = lock is None and (par is None or par.is_leader)  # ranks other than the first write nothing
+        with (OutputLock(output) if own_lock else contextlib.nullcontext()):
+            self._generate_locked(output, inputs, config, plan, tracker, (resume, restart), settings, sound)
+        tracker.finished(str(output), plan.total_frames, plan.duration_s)
+        return output
+
+    def _generate_locked(self, output: Path, inputs: PreparedInputs, config: GenerationConfig, plan: WindowPlan,
+                         tracker: ProgressTracker, start: tuple[bool, bool], settings: Optional[dict], sound: str):
         job = JobDir(output)
-        state = job.start(self._job_settings(inputs, config) if settings is None else settings, resume)
+        par = self.components.parallel
+        if par is not None and not par.is_leader:  # the other ranks compute; only the first one writes
+            for _ in self._run(inputs, config, plan, ProgressTracker(None, tracker.cancel), par.broadcast_object()):
+                pass
+            return output
+        state = job.start(self._job_settings(inputs, config) if settings is None else settings, *start)
+        if par is not None:
+            par.broadcast_object(state)
         first = state.next_window if state is not None else 0
         self._job_started(tracker, inputs, config, plan, first)
         if state is not None:
-            tracker.notice(f"resuming at window {min(first, len(plan) - 1) + 1}/{len(plan)}")
-        frames_done = state.frames_written if state is not None else 0
+            tracker.notice(f"all {len(plan)} windows were already made; assembling the video" if first >= len(plan)
+                           else f"resuming at window {first + 1}/{len(plan)}")
+        done = state or JobState(0, 0, torch.zeros(0), torch.zeros(0, dtype=torch.uint8))
         for result in self._run(inputs, config, plan, tracker, state):
-            index = result.window.index
-            write_segment(job.segment_path(index), result.frames)
-            frames_done += result.frames.shape[0]
-            job.save_state(JobState(index + 1, frames_done, result.motion, result.rng_state))
-            tracker.window_finished(index, len(plan), result.frames.shape[0], result.window.out_end,
-                                    str(job.segment_path(index)))
+            index, count = result.window.index, result.frames.shape[0]
+            path = write_segment(job.segment_path(index), result.frames)
+            done = JobState(index + 1, done.frames_written + count, result.motion, result.rng_state,
+                            [*done.segments, (file_digest(path), int(count))])
+            job.save_state(done)
+            tracker.window_finished(index, len(plan), count, result.window.out_end, str(path))
         tracker.check_cancel()
         if inputs.tracks is None:
             raise InputError("Writing an MP4 needs the speech audio for its sound track: give audio=PATH.")
         with tracker.stage("write", f"writing {output}"):
-            concat_segments(job.segments(len(plan)), output, audio=inputs.tracks.mix,
-                            sample_rate=inputs.tracks.sample_rate)
+            audio, rate = sound_track(inputs.tracks, official=sound == "official")
+            concat_segments(job.segments(len(plan)), output, audio=audio, sample_rate=rate, temp_dir=job.root)
         job.remove()
-        tracker.finished(str(output), plan.total_frames, plan.duration_s)
-        return output
 
     @staticmethod
     def _job_started(tracker: ProgressTracker, inputs: PreparedInputs, cfg: GenerationConfig, plan: WindowPlan,
@@ -496,7 +405,7 @@ class InfiniteTalk:
     # ---- internals -------------------------------------------------------------------------
     def _check_options(self, inputs: PreparedInputs, cfg: GenerationConfig) -> None:
         if inputs.request.speakers == 2 and self.components.variant == "single" and not self.components.random:
-            log.warning("two speakers with the 'single' adapter; the official release uses --variant multi for this")
+            raise InputError("Two speakers need the multi-speaker adapter; load the pipeline with variant='multi'.")
 
     def _job_settings(self, inputs: PreparedInputs, cfg: GenerationConfig) -> dict:
         c = self.components
@@ -510,18 +419,17 @@ class InfiniteTalk:
             if inputs.request.features is not None:
                 features = [f.to(self.dtype) for f in inputs.request.features]
             else:
-                features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
+                with c.placed(c.audio_encoder):
+                    features = [c.audio_encoder.encode(track).to(self.dtype) for track in inputs.tracks.speakers]
         with tracker.stage("encode_prompt", "encoding the prompt (umT5)"):
             negative = inputs.request.negative_prompt
             negative = cfg.negative_prompt if negative is None else negative
-            context, context_null = c.text_encoder.encode([inputs.request.prompt, negative])
+            with c.placed(getattr(c.text_encoder, "model", None)):
+                context, context_null = c.text_encoder.encode([inputs.request.prompt, negative])
         return features, context.to(self.device), context_null.to(self.device)
 
     def _audio_for(self, features: Sequence[torch.Tensor], window: Window, frame_num: int) -> torch.Tensor:
-        embs = list(features)
-        if window.is_last:  # official: the features are extended just before the last window
-            embs = [extend_by_reflection(e, window.end)[0] for e in embs]
-        return audio_window(embs, window.start, frame_num).to(self.device)
+        return audio_for_window(features, window).to(self.device)
 
     @torch.no_grad()
     def _run(
@@ -538,6 +446,8 @@ class InfiniteTalk:
         start = state.next_window if state is not None else 0
         if start >= len(plan):
             return
+        if c.offload is not None:
+            log.info("%s", c.offload.plan.describe())
         features, context, context_null = self._encode_job(inputs, cfg, tracker)
         generator = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
         motion_frames = None
@@ -560,26 +470,35 @@ class InfiniteTalk:
                 else:
                     cond = reference
                 if cached_cond is None or not torch.equal(cached_cond, cond):
-                    clip_fea = c.clip(cond[None].to(self.device)).to(self.dtype)
-                    y = image_condition(c.vae, cond, cfg.frame_num, c.vae_chunk_latents, c.vae_fast).to(self.device)
+                    with c.placed(c.clip):
+                        clip_fea = c.clip(cond[None].to(self.device)).to(self.dtype)
+                    with c.placed(c.vae):
+                        y = image_condition(c.vae, cond, cfg.frame_num, c.vae_chunk_latents, c.vae_fast).to(self.device)
                     cached_cond = cond
                 source = cond if window.is_first else motion_frames
-                motion = motion_latent(c.vae, source, c.vae_chunk_latents, c.vae_fast).to(self.device)
+                with c.placed(c.vae):
+                    motion = motion_latent(c.vae, source, c.vae_chunk_latents, c.vae_fast).to(self.device)
                 audio = self._audio_for(features, window, cfg.frame_num)
                 noise = draw_window_noise((16, latent_frames, lat_h, lat_w), generator, self.device)
                 # text/CLIP keys and values are computed once per window, not per step
-                denoiser = GuidedDiT(
+                make_denoiser = c.parallel.guided_dit if c.parallel is not None else GuidedDiT
+                denoiser = make_denoiser(
                     c.dit, branches, context=context, context_null=context_null, clip_fea=clip_fea, y=y,
                     audio=audio, ref_target_masks=masks if audio.shape[0] == 2 else None,
-                    cache_conditions=c.dit_fast.cache_conditions if c.dit_fast is not None else "context",
+                    cache_conditions=self._cache_conditions(),
                 )
                 modulation = c.dit.time_modulation if cfg.use_teacache else None
                 latent = sample_window(
                     denoiser.predict_branch, noise, motion, window.motion_latent_frames, cfg, generator, tracker,
                     first_window=window.is_first, timestep_modulation=modulation,
+                    step_fn=getattr(denoiser, "predict_step", None),
                 )
-                video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents, fast=c.vae_fast)[0].float().cpu()
-                del latent, noise, denoiser
+                del denoiser  # its cached keys and values are not needed by the decode
+                tiling = c.offload.plan.decode_tiling() if c.offload is not None else None
+                with c.placed(c.vae):
+                    video = c.vae.decode(latent[None], chunk_latents=c.vae_chunk_latents, fast=c.vae_fast,
+                                         tiling=tiling)[0].float().cpu()
+                del latent, noise
                 if cfg.color_correction_strength > 0:
                     video = match_and_blend_colors(video, reference, cfg.color_correction_strength)
                 motion_frames = video[:, -cfg.motion_frame :].clone()
@@ -587,14 +506,28 @@ class InfiniteTalk:
                 kept = video[:, window.keep].clone() if float_video else None
                 del video
                 yield _WindowResult(window, frames, motion_frames, generator.get_state(), kept)
+        except torch.cuda.OutOfMemoryError as err:
+            raise self._out_of_memory(err) from err
         finally:
             if reader is not None:
                 reader.close()
 
+    def _cache_conditions(self) -> str:
+        c = self.components
+        if c.offload is not None and c.offload.plan.cache_conditions == "none":
+            return "none"
+        return c.dit_fast.cache_conditions if c.dit_fast is not None else "context"
 
-def _bucket_hw(value) -> tuple[int, int]:
-    """(h, w) of a bucket entry: (h, w) or the official [[h, w], 1]."""
-    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], (list, tuple)):
-        value = value[0]
-    h, w = (int(v) for v in value)
-    return h, w
+    def _out_of_memory(self, err: Exception):
+        from ..errors import DeviceOutOfMemoryError
+
+        plan = self.components.offload.plan if self.components.offload is not None else None
+        if plan is None:
+            return DeviceOutOfMemoryError(
+                f"The GPU ran out of memory ({str(err).splitlines()[0]}); give a VRAM budget such as --vram 16 "
+                "(vram_budget=16) so models stream from host memory; finished windows are kept for --resume."
+            )
+        return DeviceOutOfMemoryError(
+            f"The GPU ran out of memory under the {plan.budget / 2**30:.1f} GB plan ({str(err).splitlines()[0]}); "
+            f"try {plan.smaller_options()}; finished windows are kept for --resume."
+        )

@@ -70,6 +70,15 @@ class DenoiseFn(Protocol):
     ) -> torch.Tensor: ...
 
 
+class StepFn(Protocol):
+    """Every guidance branch of one step at once: (latent, t, {branch: BlockCache or None}) ->
+    {branch: prediction}. The caches' `reuse` flags are already decided for the step."""
+
+    def __call__(
+        self, latent: torch.Tensor, t: torch.Tensor, caches: dict[str, Optional[BlockCache]]
+    ) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass
 class TeaCacheState:
     """Skip decisions of one window (fresh per window)."""
@@ -127,6 +136,7 @@ def sample_window(
     first_window: bool,
     timestep_modulation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     teacache_log: Optional[dict] = None,
+    step_fn: Optional[StepFn] = None,
 ) -> torch.Tensor:
     """Denoise one window and return its clean latent [16, T, h, w] (float32).
 
@@ -136,7 +146,9 @@ def sample_window(
     `generator`: the job's RNG (None = torch's global RNG); consumed only when
     `first_window` is False (1 + steps motion-shaped draws). `timestep_modulation(t)` returns
     the DiT's e0 for timestep t; required when cfg.use_teacache. `teacache_log`, if given, is
-    filled with {branch: [computed? per step]}.
+    filled with {branch: [computed? per step]}. `step_fn(latent, t, caches)`, if given, makes
+    every branch's prediction of a step in one call (after every TeaCache decision of the step),
+    e.g. the branches on different ranks (`runtime.parallel`); `denoise_fn` is then unused.
     """
     if motion_latent.shape[1] != n_motion_latent_frames:
         raise ValueError(
@@ -165,7 +177,10 @@ def sample_window(
         latent[:, :n] = motion
         modulation = timestep_modulation(t) if teacache is not None else None
         preds = {}
-        for branch in guidance.branches:
+        if step_fn is not None:
+            caches = {b: teacache.slot(b, i, modulation) if teacache is not None else None for b in guidance.branches}
+            preds = step_fn(latent, t, caches)
+        for branch in () if step_fn is not None else guidance.branches:
             cache = teacache.slot(branch, i, modulation) if teacache is not None else None
             preds[branch] = denoise_fn(latent, t, branch, cache)
         pred = -guidance.combine(preds)

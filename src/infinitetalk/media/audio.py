@@ -17,6 +17,7 @@ Frame counts use the official formula `int(samples / 16000 * 25)` (25 fps video)
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -72,6 +73,11 @@ class SpeakerTracks:
     mix: np.ndarray
     mode: str
     sample_rate: int = TARGET_RATE
+    # where the speech came from (for the output's sound track at its own rate, `soundtrack`):
+    # each speaker's file, the loudness gain applied, its 16 kHz length before arranging
+    sources: tuple[Optional[str], ...] = ()
+    gains: tuple[float, ...] = ()
+    lengths: tuple[int, ...] = ()
 
     @property
     def num_speakers(self) -> int:
@@ -176,4 +182,9 @@ def load_speakers(
 ) -> SpeakerTracks:
     """`load_speech` each path (None = silent speaker) and `arrange_speakers` them."""
     speeches = [None if p is None else load_speech(p, normalize=normalize) for p in paths]
-    return arrange_speakers(speeches, mode)
+    tracks = arrange_speakers(speeches, mode)
+    if all(s is not None for s in speeches):
+        tracks = dataclasses.replace(tracks, sources=tuple(s.source for s in speeches),
+                                     gains=tuple(float(s.gain) for s in speeches),
+                                     lengths=tuple(s.num_samples for s in speeches))
+    return tracks

@@ -12,8 +12,9 @@ system ffmpeg) decodes packet by packet, each chunk is mixed down and pushed thr
 hour) plus a few MB of buffers. The streamed resampler equals the one-shot `soxr.resample` on
 the parity fixture and on the test media (checked in tests/test_audio_media.py).
 
-Bad inputs raise `AudioError` with a sentence: missing path, empty file, not a media file, no
-audio stream, truncated file (decoded length clearly shorter than the header says), decode error.
+Bad inputs raise `AudioError` with a sentence: missing path, empty file, a FIFO or device, not a
+media file, no audio stream, truncated file (decoded length clearly shorter than the header
+says), decode error, NaN or infinite float samples (found while decoding).
 """
 from __future__ import annotations
 
@@ -69,12 +70,13 @@ def _mono(samples: np.ndarray) -> np.ndarray:
 
 
 def _check_path(path: Path) -> None:
+    from .images import regular_file
+
     if not path.exists():
         raise AudioError(f"Audio file not found: {path}. Check the path and try again.")
     if path.is_dir():
         raise AudioError(f"{path} is a folder, not an audio file. Give the path of a speech file.")
-    if path.stat().st_size == 0:
-        raise AudioError(f"Audio file {path} is empty (0 bytes). Give a file that contains speech.")
+    regular_file(path, "audio", AudioError)  # FIFOs and devices are named as such
 
 
 def _wav_missing_seconds(path: Path) -> float | None:
@@ -190,6 +192,12 @@ def decode_audio(path: os.PathLike | str, sample_rate: int = TARGET_RATE) -> np.
                         f"({in_rate} Hz then {frame.rate} Hz); convert it to a plain WAV first."
                     )
                 mono = _mono(_frame_to_float(frame))
+                if mono.dtype.kind == "f" and not np.isfinite(mono).all():
+                    at = (n_in + int(np.argmin(np.isfinite(mono)))) / in_rate
+                    raise AudioError(
+                        f"{path} holds invalid samples (NaN or infinite) at {at:.2f} s; the file is damaged. "
+                        "Re-export it as 16-bit PCM WAV."
+                    )
                 n_in += mono.shape[0]
                 buf.append(resampler.resample_chunk(mono, last=False) if resampler else mono)
         except av.error.FFmpegError as exc:

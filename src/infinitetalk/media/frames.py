@@ -22,6 +22,8 @@ from PIL import Image, UnidentifiedImageError
 
 from infinitetalk.errors import InputError, MediaError
 
+from .images import check_pixels, load_image, regular_file, sniff_svg, svg_error  # noqa: F401 (load_image re-exported)
+
 PathLike = Union[str, Path]
 
 ASPECT_RATIO_627: dict[str, tuple[int, int]] = {
@@ -69,6 +71,14 @@ def choose_bucket(src_h: int, src_w: int, buckets: dict[str, tuple[int, int]]) -
     return buckets[key]
 
 
+def bucket_hw(value) -> tuple[int, int]:
+    """(h, w) of a bucket entry: (h, w) or the official [[h, w], 1]."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], (list, tuple)):
+        value = value[0]
+    h, w = (int(v) for v in value)
+    return h, w
+
+
 def _cover_size(src_h: int, src_w: int, target_h: int, target_w: int) -> tuple[int, int]:
     scale = max(target_h / src_h, target_w / src_w)
     return math.ceil(scale * src_h), math.ceil(scale * src_w)
@@ -99,51 +109,60 @@ def prepare_frame(image: Image.Image, target_hw: tuple[int, int]) -> torch.Tenso
     return to_model_pixels(resize_and_center_crop(image, target_hw))
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """Open an image file as RGB (raises MediaError when it is missing or not an image)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"Image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise MediaError(f"{path} is not an image Pillow can read ({err}). Use a PNG, JPEG or WebP file.") from err
-
-
 class VideoFrameReader:
     """Frames of a video by time, decoded forward with PyAV (seeks only when going back or far).
 
     `frame_at(t)` returns the last frame whose time is <= t (+ half a millisecond), the first frame
-    before the start, the last frame past the end. Use as a context manager or call close().
+    before the start, the last frame past the end, as displayed: the display matrix (rotate tag)
+    of the stream is applied, so `width`/`height` are the displayed sizes. Use as a context
+    manager or call close().
     """
 
     _SEEK_AHEAD_S = 5.0
 
     def __init__(self, path: PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise MediaError(f"Video file not found: {self.path}")
+        self.path = regular_file(path, "video", MediaError)
+        if sniff_svg(self.path):
+            raise svg_error(self.path, "--image")
         try:
             self._container = av.open(str(self.path))
         except (av.error.FFmpegError, OSError) as err:
             raise MediaError(f"{self.path} cannot be opened as a video ({err}).") from err
+        fmt = self._container.format.name
         if not self._container.streams.video:
             self._container.close()
             raise MediaError(f"{self.path} has no video stream.")
+        if fmt == "image2" or fmt.endswith("_pipe"):
+            self._container.close()
+            raise MediaError(f"{self.path} is an image, not a video: pass it with --image.")
         self._stream = self._container.streams.video[0]
         self._stream.thread_type = "AUTO"
         tb = self._stream.time_base
         self._start = float(self._stream.start_time * tb) if self._stream.start_time is not None else 0.0
         self.fps = float(self._stream.average_rate) if self._stream.average_rate else 25.0
-        self.width = self._stream.codec_context.width
-        self.height = self._stream.codec_context.height
+        width, height = self._stream.codec_context.width, self._stream.codec_context.height
+        try:
+            check_pixels(width, height, self.path, "video")
+        except MediaError:
+            self._container.close()
+            raise
+        self.width, self.height = width, height  # set to the displayed size by the first frame
         self._frames = None
         self._current = None  # (time, PIL image) of the last decoded frame
         self._pending = None  # a decoded frame past the last request
         self._exhausted = False
-        self._restart(0.0)
+        try:
+            self._restart(0.0)
+            first = self._next()
+        except av.error.FFmpegError as err:
+            self._container.close()
+            raise MediaError(f"{self.path}: the video cannot be decoded ({err}).") from err
+        except MediaError:
+            self._container.close()
+            raise
+        if first is not None:
+            self._pending = first
+            self.width, self.height = first[1].width, first[1].height
 
     def _time(self, frame: av.VideoFrame) -> float:
         return (frame.time if frame.time is not None else 0.0) - self._start
@@ -170,7 +189,7 @@ class VideoFrameReader:
             return None
         except av.error.FFmpegError as err:
             raise MediaError(f"{self.path}: the video cannot be decoded ({err}).") from err
-        return self._time(frame), frame.to_image()
+        return self._time(frame), displayed(frame)
 
     def frame_at(self, t: float) -> Image.Image:
         """The frame shown at `t` seconds from the start of the video, as an RGB Pillow image."""
@@ -204,10 +223,49 @@ class VideoFrameReader:
         self.close()
 
 
+_ROTATIONS = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270, 270: Image.Transpose.ROTATE_270,
+              180: Image.Transpose.ROTATE_180, -180: Image.Transpose.ROTATE_180}
+
+
+def displayed(frame: av.VideoFrame) -> Image.Image:
+    """A decoded frame as a viewer shows it: RGB with its display matrix applied (a rotation,
+    then a mirror when the matrix flips, as FFmpeg's autorotate does)."""
+    image = frame.to_image()
+    rotation, flip = display_transform(frame)
+    if rotation:
+        if rotation in _ROTATIONS:
+            image = image.transpose(_ROTATIONS[rotation])  # exact for quarter turns
+        else:
+            image = image.rotate(rotation, resample=Image.BILINEAR, expand=True)
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def display_transform(frame: av.VideoFrame) -> tuple[int, bool]:
+    """(counter-clockwise rotation in degrees, mirrored after it) of a frame's display matrix."""
+    for side in frame.side_data:
+        if str(getattr(side, "type", "")).upper().endswith("DISPLAYMATRIX"):
+            m = np.frombuffer(bytes(side), dtype="<i4").astype(np.float64)
+            if m.size < 5:
+                break
+            flip = m[0] * m[4] - m[1] * m[3] < 0
+            if flip:  # the mirror negated the first column; undo it to read the rotation
+                m[0], m[3] = -m[0], -m[3]
+            s0, s1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+            if s0 == 0 or s1 == 0:
+                break
+            rotation = -math.degrees(math.atan2(m[1] / s1, m[0] / s0))
+            return int(round(rotation)), bool(flip)
+    return int(round(frame.rotation or 0)), False
+
+
 def validate_box(box: Sequence[float], src_w: int, src_h: int, who: str = "speaker") -> tuple[int, int, int, int]:
     """Check a pixel box (x_min, y_min, x_max, y_max) against the image size; return it as ints."""
     if len(box) != 4:
         raise InputError(f"The box of {who} must have 4 numbers x_min,y_min,x_max,y_max, got {list(box)}.")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+        raise InputError(f"The box of {who} must be four finite pixel numbers x_min,y_min,x_max,y_max, got {list(box)}.")
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 <= src_w and 0 <= y0 < y1 <= src_h):
         raise InputError(

@@ -24,7 +24,7 @@ import av
 import numpy as np
 
 from ..config import AUDIO_SAMPLE_RATE, FPS
-from ..errors import MediaError
+from ..errors import MediaError, storage_error
 from .writer import VideoWriter, to_uint8_frames
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,10 @@ def write_segment(path: PathLike, frames, fps: int = FPS, options: Optional[dict
                 out.mux(stream.encode(frame))
             out.mux(stream.encode(None))
         os.replace(temp, path)
-    except (av.error.FFmpegError, OSError) as err:
+    except OSError as err:  # PyAV's errno errors are OSErrors too (disk full, read-only, ...)
+        temp.unlink(missing_ok=True)
+        raise storage_error(path, err) from err
+    except av.error.FFmpegError as err:
         temp.unlink(missing_ok=True)
         raise MediaError(f"Writing the video segment {path} failed: {err}") from err
     except BaseException:
@@ -70,33 +73,50 @@ def write_segment(path: PathLike, frames, fps: int = FPS, options: Optional[dict
     return path
 
 
-def segment_frame_count(path: PathLike) -> int:
-    """Number of video packets (= frames) in a segment."""
-    with av.open(str(path)) as c:
-        return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+def as_channels(audio: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Speech as float32 [channels, samples] (a 1-D mono waveform becomes one channel)."""
+    if audio is None:
+        return None
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 1:
+        audio = audio[None]
+    if audio.ndim != 2 or audio.shape[0] not in (1, 2):
+        raise ValueError(f"audio must be [samples] or [1 or 2 channels, samples], got shape {audio.shape}")
+    return np.ascontiguousarray(audio)
 
 
-class _AudioTrack:
-    """AAC encoding of a mono float32 waveform, written up to a given sample as video is added."""
+class AudioTrack:
+    """AAC encoding of a mono or stereo float32 waveform, written up to a given sample as video
+    is added (packets stay interleaved with the video)."""
 
     def __init__(self, container, audio: Optional[np.ndarray], sample_rate: int):
+        from .soundtrack import aac_bit_rate
+
         self.container = container
-        self.audio = None if audio is None else np.ascontiguousarray(audio, dtype=np.float32)
+        self.audio = as_channels(audio)
         self.rate = sample_rate
         self.written = 0
         self.stream = None
         if self.audio is not None:
-            self.stream = container.add_stream("aac", rate=sample_rate, layout="mono")
+            channels = self.audio.shape[0]
+            self.layout = "mono" if channels == 1 else "stereo"
+            self.stream = container.add_stream("aac", rate=sample_rate, layout=self.layout)
+            self.stream.bit_rate = aac_bit_rate(sample_rate, channels)
             self.stream.codec_context.time_base = Fraction(1, sample_rate)
+
+    @property
+    def samples(self) -> int:
+        return 0 if self.audio is None else int(self.audio.shape[1])
 
     def write_until(self, sample: int) -> None:
         if self.stream is None:
             return
-        sample = min(sample, len(self.audio))
+        sample = min(sample, self.samples)
         step = self.rate  # one second per frame object keeps packets interleaved finely
         while self.written < sample:
             end = min(sample, self.written + step)
-            frame = av.AudioFrame.from_ndarray(self.audio[None, self.written : end], format="flt", layout="mono")
+            chunk = np.ascontiguousarray(self.audio[:, self.written : end])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.layout)
             frame.sample_rate = self.rate
             frame.pts = self.written
             frame.time_base = Fraction(1, self.rate)
@@ -128,11 +148,14 @@ def concat_segments(
     audio: Optional[np.ndarray] = None,
     sample_rate: int = AUDIO_SAMPLE_RATE,
     fps: int = FPS,
+    temp_dir: Optional[PathLike] = None,
 ) -> Path:
-    """Join `segments` (in order) into `output` with `audio` as AAC, cut to the video length.
+    """Join `segments` (in order) into `output` with `audio` (float32 [samples] or [channels,
+    samples] at `sample_rate`) as AAC, cut to the video length.
 
     Packet copy when all segments share their parameters, else decode + re-encode. Written to a
-    temporary name beside `output` and renamed when complete. Returns the output path.
+    temporary name in `temp_dir` (default: beside `output`; the job folder, so a kill leaves
+    nothing beside the output) and renamed when complete. Returns the output path.
     """
     paths = [Path(s) for s in segments]
     if not paths:
@@ -140,13 +163,13 @@ def concat_segments(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if not _same_parameters(paths):
-        return _reencode(paths, output, audio, sample_rate, fps)
-    temp = _temp_name(output)
+        return _reencode(paths, output, audio, sample_rate, fps, temp_dir)
+    temp = _temp_name(output) if temp_dir is None else _temp_name(Path(temp_dir) / output.name)
     try:
         with av.open(str(temp), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
             with av.open(str(paths[0])) as first:
                 video_out = out.add_stream_from_template(first.streams.video[0])
-            track = _AudioTrack(out, audio, sample_rate)
+            track = AudioTrack(out, audio, sample_rate)
             frames = 0
             for path in paths:
                 with av.open(str(path)) as seg:
@@ -167,7 +190,10 @@ def concat_segments(
                 track.write_until(frames * sample_rate // fps)
             track.flush()
         os.replace(temp, output)
-    except (av.error.FFmpegError, OSError) as err:
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise storage_error(output, err) from err
+    except av.error.FFmpegError as err:
         temp.unlink(missing_ok=True)
         raise MediaError(f"Assembling {output} from its segments failed: {err}") from err
     except BaseException:
@@ -177,7 +203,7 @@ def concat_segments(
     return output
 
 
-def _reencode(paths: Sequence[Path], output: Path, audio, sample_rate: int, fps: int) -> Path:
+def _reencode(paths: Sequence[Path], output: Path, audio, sample_rate: int, fps: int, temp_dir=None) -> Path:
     writer = None
     try:
         for path in paths:
@@ -185,7 +211,8 @@ def _reencode(paths: Sequence[Path], output: Path, audio, sample_rate: int, fps:
                 for frame in seg.decode(video=0):
                     image = frame.to_ndarray(format="rgb24")
                     if writer is None:
-                        writer = VideoWriter(output, image.shape[1], image.shape[0], audio, sample_rate, fps)
+                        writer = VideoWriter(output, image.shape[1], image.shape[0], audio, sample_rate, fps,
+                                             temp_dir=temp_dir)
                     writer.append(image[None])
         if writer is None:
             raise MediaError("The video segments hold no frame.")

@@ -1,7 +1,7 @@
 """Incremental MP4 writer: H.264 yuv420p at 25 fps plus the speech track as AAC, via PyAV.
 
 Frames are encoded as they are appended (one window at a time), so host memory does not grow
-with the video length. The speech track (float32 mono at 16 kHz) is encoded alongside up to the
+with the video length. The speech track (float32 mono or stereo, any AAC rate) is encoded alongside up to the
 current video time and, at close, cut to the video length. The file is written under a
 temporary name in the destination folder and renamed into place only when complete; on an
 exception inside the `with` block, or `abort()`, the temporary file is removed.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from infinitetalk.config import AUDIO_SAMPLE_RATE, FPS
-from infinitetalk.errors import MediaError
+from infinitetalk.errors import MediaError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class VideoWriter:
         fps: int = FPS,
         crf: int = 18,
         preset: str = "medium",
+        temp_dir: Optional[Union[str, Path]] = None,
     ):
         if width % 2 or height % 2:
             raise ValueError(f"H.264 yuv420p needs even sizes, got {width}x{height}")
@@ -68,19 +69,17 @@ class VideoWriter:
         self.width, self.height, self.fps = width, height, fps
         self.sample_rate = sample_rate
         self.frames_written = 0
-        self._audio = None
-        if audio is not None:
-            audio = np.asarray(audio, dtype=np.float32)
-            if audio.ndim != 1:
-                raise ValueError(f"audio must be mono [samples], got shape {audio.shape}")
-            self._audio = audio
+        from .segments import as_channels
+
+        self._audio = as_channels(audio)  # [channels, samples]
         self._audio_written = 0
         self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise MediaError(f"Cannot create the output folder {self.path.parent}: {err}") from err
-        self.temp_path = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
+        folder = Path(temp_dir) if temp_dir is not None else self.path.parent
+        self.temp_path = folder / f".{self.path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4"
         try:
             self._container = av.open(str(self.temp_path), mode="w", format="mp4",
                                       options={"movflags": "+faststart"})
@@ -94,7 +93,11 @@ class VideoWriter:
             self._video.options = {"crf": str(crf), "preset": preset}
             self._audio_stream = None
             if self._audio is not None:
-                self._audio_stream = self._container.add_stream("aac", rate=sample_rate, layout="mono")
+                from .soundtrack import aac_bit_rate
+
+                self._layout = "mono" if self._audio.shape[0] == 1 else "stereo"
+                self._audio_stream = self._container.add_stream("aac", rate=sample_rate, layout=self._layout)
+                self._audio_stream.bit_rate = aac_bit_rate(sample_rate, self._audio.shape[0])
                 self._audio_stream.codec_context.time_base = Fraction(1, sample_rate)
         except Exception:
             self._discard()
@@ -114,7 +117,10 @@ class VideoWriter:
                 self._container.mux(self._video.encode(frame))
                 self.frames_written += 1
             self._write_audio(self._audio_target())
-        except (av.error.FFmpegError, OSError) as err:
+        except OSError as err:
+            self.abort()
+            raise storage_error(self.path, err) from err
+        except av.error.FFmpegError as err:
             self.abort()
             raise MediaError(f"Writing {self.path} failed: {err}") from err
 
@@ -124,11 +130,11 @@ class VideoWriter:
     def _write_audio(self, until: int) -> None:
         if self._audio_stream is None:
             return
-        until = min(until, len(self._audio))
+        until = min(until, self._audio.shape[1])
         if until <= self._audio_written:
             return
-        chunk = self._audio[self._audio_written : until]
-        frame = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
+        chunk = np.ascontiguousarray(self._audio[:, self._audio_written : until])
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self._layout)
         frame.sample_rate = self.sample_rate
         frame.pts = self._audio_written
         frame.time_base = Fraction(1, self.sample_rate)
@@ -150,7 +156,10 @@ class VideoWriter:
             self._container.close()
             self._closed = True
             os.replace(self.temp_path, self.path)
-        except (av.error.FFmpegError, OSError) as err:
+        except OSError as err:
+            self.abort()
+            raise storage_error(self.path, err) from err
+        except av.error.FFmpegError as err:
             self.abort()
             raise MediaError(f"Finishing {self.path} failed: {err}") from err
         log.info("wrote %s (%d frames, %.2f s)", self.path, self.frames_written, self.frames_written / self.fps)

@@ -66,9 +66,8 @@ def sdpa_attention_bhld(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     """`sdpa_attention` with q, k, v laid out as contiguous [B, heads, L, head_dim] for the kernel.
 
     Same inputs, outputs and arithmetic as `sdpa_attention`; only the memory layout handed to
-    SDPA differs. On an H100 cuDNN's attention at 33,600 tokens x 40 heads takes 39.5 ms on
-    contiguous [B, H, L, D] inputs and 40.6 ms on [B, L, H, D] views (benchmarks/NOTES.md); the
-    cast of q and k to v's dtype writes the new layout in the same pass, v and the output cost
+    SDPA differs (cuDNN's kernel is faster on contiguous [B, H, L, D] inputs than on
+    [B, L, H, D] views, benchmarks/NOTES.md); the cast of q and k to v's dtype writes the new layout in the same pass, v and the output cost
     one copy each. Returns a [B, L, H, D] view of the [B, H, L, D] result.
     """
     q = q.transpose(1, 2).to(v.dtype, memory_format=torch.contiguous_format)
@@ -303,11 +302,11 @@ def sdpa_attention_map(
     first 2*(H//2) heads; an odd last head is ignored, as in the reference).
     `value_width` pads the values to that many channels instead of the head size: the same map
     (the padding is zeros), with half the FLOPs and 1/8 of the output at 16 channels, for
-    kernels that take a value head size other than the q/k one (cuDNN on Hopper: 1.62 ms
-    against 2.14 ms at 480p; flash refuses it, the efficient kernel is 3x slower).
+    kernels that take a value head size other than the q/k one (cuDNN on Hopper; flash refuses
+    it, and the efficient kernel is slower with it).
     The map is returned in float32 whatever q's dtype: the speaker positions derived from it
     (min-max rescaled to [0, 4] and [20, 24], then RoPE angles) lose up to 1/8 of a position
-    when kept in bf16, which moves a two-speaker bf16 output by ~15% of its range.
+    when kept in bf16, which visibly moves a two-speaker bf16 output.
     """
     b, length, heads, dim = q.shape
     used = 2 * (heads // 2)

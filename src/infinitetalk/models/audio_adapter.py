@@ -80,20 +80,26 @@ class AudioProjModel(nn.Module):
         return tokens.reshape(s, -1, self.context_tokens, self.output_dim)
 
 
-def speaker_positions(ref_map: torch.Tensor) -> torch.Tensor:
+def speaker_positions(
+    ref_map: torch.Tensor, extremes: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """1-D RoPE positions [B, L] of the video tokens from a reference map [B, 3, L].
 
     Rows 0 and 1 (speaker 1, speaker 2) are min-max rescaled to their ranges; the background is
     constant; each token takes the value of the row where its raw map value is largest (first
-    row wins ties).
+    row wins ties). `extremes` (min, max), each [B, 2, 1], replaces the rows' own minimum and
+    maximum (a map of part of the tokens rescaled with the extremes over all of them).
     """
-    def rescale(row: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:
-        lo = row.min(-1, keepdim=True).values
-        hi = row.max(-1, keepdim=True).values
+    def rescale(row: torch.Tensor, lo_hi: tuple[float, float], index: int) -> torch.Tensor:
+        if extremes is None:
+            lo = row.min(-1, keepdim=True).values
+            hi = row.max(-1, keepdim=True).values
+        else:
+            lo, hi = extremes[0][:, index], extremes[1][:, index]
         return (row - lo) / (hi - lo + 1e-8) * (lo_hi[1] - lo_hi[0]) + lo_hi[0]
 
-    s1 = rescale(ref_map[:, 0], SPEAKER1_RANGE)
-    s2 = rescale(ref_map[:, 1], SPEAKER2_RANGE)
+    s1 = rescale(ref_map[:, 0], SPEAKER1_RANGE, 0)
+    s2 = rescale(ref_map[:, 1], SPEAKER2_RANGE, 1)
     back = torch.full_like(s1, BACKGROUND_POSITION)
     choices = torch.stack([s1, s2, back], dim=-1)  # [B, L, 3]
     winner = ref_map.argmax(dim=1, keepdim=True).transpose(1, 2)  # [B, L, 1]

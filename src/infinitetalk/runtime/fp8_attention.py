@@ -1,8 +1,7 @@
 """fp8 (e4m3) self-attention: per-tensor scaled q, k, v through cuDNN's fp8 SDPA (Hopper and later).
 
 At 480p the DiT's self-attention (33,600 tokens, 40 heads of 128) is half of a forward's
-FLOPs; in bf16 it runs at ~590 TFLOP/s on an H100 (cuDNN), in fp8 the tensor cores double
-their rate. torch's `scaled_dot_product_attention` has no fp8 path, so this module builds the
+FLOPs, and fp8 tensor cores have twice the bf16 rate. torch's `scaled_dot_product_attention` has no fp8 path, so this module builds the
 attention as a cuDNN graph through the cuDNN frontend's Python API (`pip install
 nvidia-cudnn-frontend`, the optional `fp8` extra), one graph per input shape, kept by the
 `CudnnFp8Attention` object that a fast path owns (no module-level cache).

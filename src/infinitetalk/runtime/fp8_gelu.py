@@ -3,10 +3,10 @@
 In an fp8 block the FFN is `Fp8Linear -> GELU(tanh) -> Fp8Linear`, and the second layer
 quantises its input per row (scale = max|row| / 448). Compiled, that is one reduction kernel
 that reads the [tokens, 13824] bf16 hidden activations twice (once for the row maximum, once to
-quantise) and evaluates the GELU twice: 1.62 ms per block on an H100 at 480p, the largest
-element-wise kernel of the forward (benchmarks/NOTES.md). A row of 13,824 values fits in one
-Triton program's registers, so `gelu_quantize_rowwise` reads it once, evaluates the GELU once,
-and writes the e4m3 row and its scale: 0.61 ms per block in the forward.
+quantise) and evaluates the GELU twice, the largest element-wise kernel of the forward. A row
+of 13,824 values fits in one Triton program's registers, so `gelu_quantize_rowwise` reads it
+once, evaluates the GELU once, and writes the e4m3 row and its scale (timings:
+benchmarks/bench_fp8_gelu.py and benchmarks/results).
 
 * `gelu_quantize_rowwise(h)`: h [M, N] -> (e4m3 [M, N], float32 scales [M, 1]); a custom op,
   so a compiled block calls it as one kernel. The Triton kernel runs on CUDA when Triton is
@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .fp8 import _MIN_ACT_SCALE, FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_activation_rowwise
+from ..quant.fp8 import MIN_ACT_SCALE, FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_activation_rowwise
 
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
@@ -78,7 +78,7 @@ def _launch(h: torch.Tensor, num_warps: int) -> tuple[torch.Tensor, torch.Tensor
         _gelu_quantize_rows[(m,)](
             h, q, scale, n, h.stride(0), q.stride(0),
             BLOCK=triton.next_power_of_2(n), TWO_C=_TWO_SQRT_2_OVER_PI, CUBIC=_GELU_CUBIC,
-            QMAX=FP8_MAX, MIN_SCALE=_MIN_ACT_SCALE, num_warps=num_warps,
+            QMAX=FP8_MAX, MIN_SCALE=MIN_ACT_SCALE, num_warps=num_warps,
         )
     return q, scale
 
@@ -95,9 +95,8 @@ def kernel_runs_on(h: torch.Tensor) -> bool:
 def gelu_quantize_rowwise(h: torch.Tensor, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """h [M, N] -> (GELU(tanh)(h) quantised to e4m3 per row [M, N], float32 scales [M, 1]).
 
-    `num_warps` sets the Triton program size (one row per program; ignored in torch). At
-    [33,600, 13,824] on an H100: 8 warps 0.618 ms (2.26 TB/s), 16: 0.641, 4: 1.22; the
-    compiled unfused GELU + quantisation 1.556 ms (benchmarks/bench_fp8_gelu.py).
+    `num_warps` sets the Triton program size (one row per program; ignored in torch;
+    benchmarks/bench_fp8_gelu.py compares the choices).
     """
     if kernel_runs_on(h):
         return _launch(h, num_warps)

@@ -14,7 +14,7 @@ models (needed by the resume test, which compares a killed-and-resumed run to a 
 * CLIP: ViT structure at 224 px / patch 14 (the DiT needs 257 image tokens), width = the DiT's
   `clip_dim`, 2 of 3 blocks used;
 * VAE: `WanVAEConfig.tiny()` (same strides 4x8x8 and 16 latent channels);
-* wav2vec2: `weights.audio_loader.tiny_audio_encoder` (2 layers x 32, the parity size).
+* wav2vec2: `tiny_audio_encoder` (2 layers x 32, the parity size).
 
 Weights follow the parity fixtures' generator rule (`parity/genweights.py`): 1-D norm weights
 and `gamma` = 1, biases U(-0.02, 0.02), everything else U(-b, b) with b = 1/sqrt(fan_in), all
@@ -30,12 +30,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..models.audio import AudioEncoder, AudioEncoderConfig
 from ..models.dit import InfiniteTalkDiT, WanDiTConfig
 from ..models.image import CLIPVisionConfig, CLIPVisionEncoder
 from ..models.text import TextEncoder, UMT5Config, UMT5Encoder
+from ..models.tokenizer import ByteTokenizer
 from ..models.vae import WanVAE, WanVAEConfig
-from ..weights.audio_loader import tiny_audio_encoder, tiny_audio_encoder_config
-from ..weights.t5_loader import ByteTokenizer
 
 TINY_LONGEST_SIDE = 128
 """The tiny model's size buckets are the official ones scaled so the longest side is 128 px."""
@@ -62,6 +62,24 @@ class TinyConfigs:
         base_clip = CLIPVisionConfig.tiny()
         clip = dataclasses.replace(base_clip, image_size=224, patch_size=14, dim=dit.clip_dim)
         return cls(dit=dit, text=text, clip=clip, vae=WanVAEConfig.tiny())
+
+
+def tiny_audio_encoder_config(**overrides) -> AudioEncoderConfig:
+    """The tiny configuration (parity-fixture sizes) used by tests and `--model tiny`."""
+    return dataclasses.replace(AudioEncoderConfig.tiny(), **overrides)
+
+
+def tiny_audio_encoder(
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: Optional[AudioEncoderConfig] = None,
+) -> AudioEncoder:
+    """A randomly initialised encoder (deterministic for a seed; the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AudioEncoder(config or tiny_audio_encoder_config())
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def _kind(name: str, shape: torch.Size) -> str:

@@ -47,6 +47,8 @@ class RuntimeOptions:
     loras: (path, scale) pairs merged at load; a preset's own LoRA is added by the service.
     files: single-file overrides per component (official, ComfyUI/Kijai, fp8-scaled or GGUF files);
     `weights` may also be a ComfyUI `models/` folder (see `weights.locate`).
+    vram: the VRAM budget (`runtime.offload_plan`): DiT blocks stream from host memory and the other
+    models sit on the GPU only while they run when the budget needs it.
     """
 
     model: str = "infinitetalk-14b"
@@ -59,6 +61,7 @@ class RuntimeOptions:
     fp8_attention: bool = False
     loras: tuple[tuple[str, float], ...] = ()
     files: tuple[tuple[str, str], ...] = ()  # (component, file): dit, adapter, t5, wav2vec2, vae, clip
+    vram: Union[float, str, None] = "auto"  # GB the job may use on the GPU, "auto" (free memory) or None (all resident)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple((str(p), float(s)) for p, s in self.loras))
@@ -76,7 +79,10 @@ class JobSpec:
     replace the audio by synthesised speech (voice, voice2, lang, speed; see `media.tts`).
     `max_seconds` cuts the video; `teacache` turns TeaCache on; other generation fields are
     those of `GenerationConfig` under the CLI's names (see SETTING_FIELDS).
-    `resume` continues the unfinished job writing `output` (same settings and files required).
+    `resume` continues the unfinished job writing `output` (same settings and files required);
+    `restart` discards such a job on purpose (without either, a job with finished windows is
+    refused, never deleted). `official_sound` muxes the 16 kHz mono speech the model heard
+    instead of the speech at its own rate and channels.
     """
 
     output: str
@@ -115,6 +121,8 @@ class JobSpec:
     apg_norm_threshold: Optional[float] = None
     max_seconds: Optional[float] = None
     resume: bool = False
+    restart: bool = False
+    official_sound: bool = False
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
     def __post_init__(self) -> None:

@@ -14,21 +14,25 @@ JobFinished / JobFailed / JobCancelled ends the event stream of a job.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..config import FPS, GenerationConfig
+from ..devices import resolve_device
 from ..errors import DeviceOutOfMemoryError, InfiniteTalkError, InputError, JobCancelledError
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
+from ..generation.job_state import OutputLock
 from .job import JobSpec
+from .validate import check_variant
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ class ModelSettings:
     fp8_attention: bool
     loras: tuple[tuple[str, float], ...]
     files: tuple[tuple[str, str], ...] = ()
+    vram: Union[float, str, None] = "auto"
+    vram_size: int = 720  # the size bucket set the memory plan must fit
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -69,6 +75,7 @@ class PreparedJob:
     plan: object  # generation.windows.WindowPlan
     model: ModelSettings
     key: dict  # the resume key (see resume_key)
+    notices: list = field(default_factory=list)  # what the job ignores or cuts (Notice events)
 
 
 @dataclass(frozen=True)
@@ -80,27 +87,9 @@ class JobResult:
     seconds: float
 
 
-def resolve_device(device: Optional[str]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(f"Unknown device {device!r}; use cpu, cuda or cuda:N.") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"The device {device!r} is not supported; use cpu, cuda or cuda:N.")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"The device {device!r} was asked for but no CUDA GPU is available; use --device cpu.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"There is no GPU {device!r}; this machine has {torch.cuda.device_count()} "
-                             "(cuda:0 ... ).")
-    return dev
-
-
 def resolve_config(spec: JobSpec) -> GenerationConfig:
     """The GenerationConfig of a job: preset, then explicit fields, then the model's defaults."""
-    from ..generation.pipeline import config_for
+    from ..generation.components import config_for
 
     settings = spec.settings()
     if spec.max_seconds is not None:
@@ -159,8 +148,20 @@ def _speech_fields(spec: JobSpec, fields: dict) -> dict:
     return {"audio2": None, **{k: v for k, v in out.items() if k not in ("image", "video")}}
 
 
-def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
-    from ..generation.pipeline import MODEL_NAMES, default_dtype
+def _vram(value) -> Union[float, str, None]:
+    if value is None or value == "auto":
+        return value
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"The VRAM budget must be a number of GB or 'auto', got {value!r}.") from None
+    if not (math.isfinite(gb) and gb > 0):
+        raise InputError(f"The VRAM budget must be a positive number of GB, got {value!r}.")
+    return gb
+
+
+def resolve_model(spec: JobSpec, speakers: int, size: int = 720) -> ModelSettings:
+    from ..generation.components import MODEL_NAMES, default_dtype
 
     rt = spec.runtime
     if rt.model not in MODEL_NAMES:
@@ -168,6 +169,7 @@ def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
     variant = rt.variant or ("multi" if speakers == 2 else "single")
     if variant not in ("single", "multi"):
         raise InputError(f"Unknown adapter variant {variant!r}; use single or multi.")
+    check_variant(variant, speakers)
     device = resolve_device(rt.device)
     if rt.dtype is not None and rt.dtype not in DTYPES:
         raise InputError(f"Unknown dtype {rt.dtype!r}; use one of: {', '.join(sorted(DTYPES))}.")
@@ -200,7 +202,13 @@ def resolve_model(spec: JobSpec, speakers: int) -> ModelSettings:
     if files and rt.model == "tiny":
         raise InputError("The tiny random model loads no files; drop the component file options or use the 14B model.")
     return ModelSettings(rt.model, weights, variant, str(device), dtype_name, fast, bool(rt.fp8),
-                         bool(rt.fp8_attention), tuple(loras), tuple(sorted(files)))
+                         bool(rt.fp8_attention), tuple(loras), tuple(sorted(files)), _vram(rt.vram), int(size))
+
+
+def _is_hub_id(weights: Optional[str]) -> bool:
+    from ..weights.hub import is_hub_id
+
+    return weights is not None and is_hub_id(weights)
 
 
 def component_files(settings: ModelSettings):
@@ -214,7 +222,7 @@ def resume_key(inputs, cfg: GenerationConfig, model: ModelSettings) -> dict:
     """Everything that decides the video of a job, and nothing else (the output path, the
     weights folder's location, the progress display are not in it). Built in this one place;
     `InfiniteTalk.generate` uses the same `job_settings` for jobs started from Python."""
-    from ..generation.pipeline import job_settings, runtime_settings
+    from ..generation.components import job_settings, runtime_settings
 
     runtime = runtime_settings(model.fp8, model.loras, model.fp8_attention, fast=model.fast)
     if model.files:  # a file of another format (GGUF, fp8-scaled) gives another video
@@ -230,8 +238,10 @@ class JobService:
     One job runs at a time per service (a lock); run one service per GPU.
     """
 
-    def __init__(self, max_models: int = 1, loader: Optional[Callable[[ModelSettings], object]] = None):
+    def __init__(self, max_models: int = 1, loader: Optional[Callable[[ModelSettings], object]] = None,
+                 parallel: Optional[object] = None):
         self.max_models = max(1, int(max_models))
+        self.parallel = parallel  # runtime.parallel.ParallelContext: this process is one rank of a job
         self._loader = loader or self._load
         self._pipes: "OrderedDict[ModelSettings, object]" = OrderedDict()
         self._lock = threading.Lock()
@@ -239,38 +249,54 @@ class JobService:
 
     # ---- checking ------------------------------------------------------------------------
     def check(self, spec: JobSpec) -> PreparedJob:
-        """Validate and decode everything of `spec` without loading a model (typed errors)."""
+        """Validate and decode everything of `spec` without loading a model (typed errors):
+        fields and ranges, paths (the output never an input), inputs, model choice, the job
+        folder (lock, resume state verified, finished windows never discarded silently), and
+        the output folder's writability and free space (see `service.validate`)."""
         from ..generation.inputs import prepare_inputs
-        from ..generation.job_state import JobDir
+        from ..generation.job_state import JobDir, OutputLock
         from ..generation.pipeline import InfiniteTalk
+        from . import validate
 
         if not spec.output:
             raise InputError("Give the output file with --output PATH (an .mp4).")
+        validate.check_fields(spec)
         output = Path(spec.output).expanduser()
-        if output.is_dir():
-            raise InputError(f"The output {output} is a folder; give a file name such as {output / 'talk.mp4'}.")
         request = build_request(spec)
+        validate.check_output(output, validate.input_paths(spec, request))
         cfg = resolve_config(spec)
         inputs = prepare_inputs(request, cfg)
-        model = resolve_model(spec, request.speakers)
-        if model.model != "tiny":
+        model = resolve_model(spec, request.speakers, cfg.size)
+        if model.model != "tiny" and not _is_hub_id(model.weights):
             component_files(model).require()  # missing weights: the list and the download command, now
         key = resume_key(inputs, cfg, model)
-        if spec.resume:
-            JobDir(output).check_resumable(key)
+        busy = OutputLock.holder(output)
+        if busy:
+            from ..errors import OutputBusyError
+
+            raise OutputBusyError(busy)
+        job = JobDir(output)
+        job.check_start(key, spec.resume, spec.restart)
         plan = InfiniteTalk.plan(inputs, cfg)
-        return PreparedJob(spec, output, inputs, cfg, plan, model, key)
+        done_bytes = 0
+        if spec.resume and job.exists():
+            h, w = inputs.target_hw
+            state = job.verify(plan, (3, cfg.motion_frame, h, w), model.device)
+            done_bytes = sum(job.segment_path(i).stat().st_size for i in range(state.next_window)) if state else 0
+        validate.check_storage(output, plan, inputs.target_hw, done_bytes)
+        notes = validate.notices(spec, request, inputs, plan, cfg)
+        return PreparedJob(spec, output, inputs, cfg, plan, model, key, notes)
 
     # ---- models --------------------------------------------------------------------------
-    @staticmethod
-    def _load(settings: ModelSettings):
+    def _load(self, settings: ModelSettings):
         from ..generation.pipeline import InfiniteTalk
 
-        files = component_files(settings) if settings.model != "tiny" else None
+        files = component_files(settings) if settings.model != "tiny" and not _is_hub_id(settings.weights) else None
         return InfiniteTalk.from_pretrained(
             settings.weights, device=settings.device, dtype=settings.torch_dtype, variant=settings.variant,
             model=settings.model, fast=settings.fast, fp8=settings.fp8, loras=settings.loras,
-            fp8_attention=settings.fp8_attention, files=files,
+            fp8_attention=settings.fp8_attention, files=files, vram_budget=settings.vram, vram_size=settings.vram_size,
+            parallel=self.parallel,
         )
 
     def pipeline(self, settings: ModelSettings, tracker: Optional[ProgressTracker] = None):
@@ -308,20 +334,29 @@ class JobService:
                 if job.model.model == "tiny":
                     tracker.notice("the tiny model uses small RANDOM weights: the video is noise, not a face "
                                    "(for trying the tool and for tests)", level="warning")
-                if job.model.model != "tiny" and job.model not in self._pipes:
+                for note in job.notices:
+                    tracker.notice(note, level="warning")
+                if job.model.model != "tiny" and job.model not in self._pipes and not _is_hub_id(job.model.weights):
                     for note in component_files(job.model).notes:
                         tracker.notice(note)
                 tracker.check_cancel()
-                pipe = self.pipeline(job.model, tracker)
-                tracker.check_cancel()
-                try:
-                    path = pipe.generate(job.output, inputs=job.inputs, config=job.config, progress=tracker,
-                                         resume=spec.resume, cancel=cancel, settings=job.key)
-                except OUT_OF_MEMORY as err:
-                    raise DeviceOutOfMemoryError(
-                        "The GPU ran out of memory; use a smaller --size, fewer speakers, --fp8, or a GPU with more "
-                        "memory (the finished windows are kept: add --resume to continue)."
-                    ) from err
+                leader = self.parallel is None or self.parallel.is_leader  # the other ranks write nothing
+                with (OutputLock(job.output) if leader else contextlib.nullcontext()) as lock:
+                    fresh = job.model not in self._pipes
+                    pipe = self.pipeline(job.model, tracker)
+                    if fresh and getattr(pipe, "memory_plan", None) and pipe.memory_plan():
+                        tracker.notice(pipe.memory_plan())
+                    tracker.check_cancel()
+                    try:
+                        path = pipe.generate(job.output, inputs=job.inputs, config=job.config, progress=tracker,
+                                             resume=spec.resume, cancel=cancel, settings=job.key,
+                                             restart=spec.restart, lock=lock,
+                                             sound="official" if spec.official_sound else "original")
+                    except OUT_OF_MEMORY as err:
+                        raise DeviceOutOfMemoryError(
+                            "The GPU ran out of memory; use a smaller --size, fewer speakers, --fp8, or a GPU with "
+                            "more memory (the finished windows are kept: add --resume to continue)."
+                        ) from err
         except JobCancelledError as err:
             nxt = _finished_windows(Path(spec.output).expanduser())
             tracker.cancelled(str(err), nxt, resumable=nxt > 0)

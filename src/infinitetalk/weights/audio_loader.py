@@ -1,4 +1,4 @@
-"""Load a Hugging Face format wav2vec2 folder into `AudioEncoder`, or build a tiny random one.
+"""Load a Hugging Face format wav2vec2 folder into `AudioEncoder` (or save one as such a folder).
 
 Accepted folders (config.json + model.safetensors or pytorch_model.bin, optional
 preprocessor_config.json):
@@ -119,26 +119,6 @@ def _folder_weights(folder: Path):
             missing=[str(folder / WEIGHT_FILES[0])],
         )
     return open_weights(files[:1], rename=_rename)
-
-
-def tiny_audio_encoder_config(**overrides) -> AudioEncoderConfig:
-    """The tiny configuration (parity-fixture sizes) used by tests and `--model tiny`."""
-    import dataclasses
-
-    return dataclasses.replace(AudioEncoderConfig.tiny(), **overrides)
-
-
-def tiny_audio_encoder(
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    config: Optional[AudioEncoderConfig] = None,
-) -> AudioEncoder:
-    """A randomly initialised encoder (deterministic for a seed; the global RNG is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AudioEncoder(config or tiny_audio_encoder_config())
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def save_audio_encoder_folder(model: AudioEncoder, folder: os.PathLike | str) -> Path:

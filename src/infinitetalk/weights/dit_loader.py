@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, MissingWeightsError
 from ..models.dit import InfiniteTalkDiT, WanDiTConfig
 from .materialize import PICKLE_EXT, SAFETENSORS_EXT, materialize, open_weights
@@ -134,7 +135,6 @@ def load_dit(
     *,
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
     fp8: bool = False,
-    quantized: str | os.PathLike | None = None,
 ) -> InfiniteTalkDiT:
     """Build the InfiniteTalk DiT from official files, strictly, straight into device/dtype.
 
@@ -147,23 +147,13 @@ def load_dit(
     tensor (FusionX, lightx2v; kijai/ComfyUI, kohya and diffusers/peft key formats).
     fp8: the block linear layers become `Fp8Linear` (e4m3 weights, per-output-channel scales),
     quantised at load after the LoRA merge, so LoRAs also work with fp8.
-    quantized: the official optimum-quanto file (`quant_models/infinitetalk_single_fp8.safetensors`
-    + its `.json` map) used instead of the bf16 shards; `checkpoint` then only gives config.json.
-    It implies fp8 for the layers stored in fp8.
     Errors: MissingWeightsError (a file is absent), CheckpointError (unreadable file, missing,
     unexpected or mis-shaped key; the message names the key and the file).
     """
+    device = resolve_device(device)
     files, cfg = resolve_dit_files(checkpoint, adapter, config)
     single = Path(checkpoint).is_file()
-    if quantized is not None:
-        from .quant import open_quanto_checkpoint
-
-        if not Path(quantized).is_file():
-            raise MissingWeightsError(f"Quantised DiT file not found: {quantized}.", missing=[str(quantized)])
-        source = open_quanto_checkpoint(quantized)
-        fp8 = True
-    else:
-        source = _open_dit_source(files, single, adapter is not None)
+    source = _open_dit_source(files, single, adapter is not None)
     if cfg is None:
         cfg = infer_dit_config(source)
         log.info("sizes of %s read from its tensors: dim %d, %d layers, %d heads", checkpoint, cfg.dim, cfg.num_layers, cfg.num_heads)
@@ -172,7 +162,7 @@ def load_dit(
             f"{checkpoint} holds no InfiniteTalk audio-adapter weights (audio_proj.*): pass "
             f"adapter=<path to single/{ADAPTER_NAME} or multi/{ADAPTER_NAME}>."
         )
-    from ..runtime.fp8 import is_dit_fp8_layer
+    from ..quant.fp8 import is_dit_fp8_layer
     from .quantized_layers import attach_gguf_loras, keep_gguf_layers, split_loras, stored_fp8_layers
 
     with torch.device("meta"):
@@ -190,11 +180,11 @@ def load_dit(
     stored_fp8 = stored_fp8_layers(source)
     keep_float32 = None
     if fp8 or stored_fp8:
-        from ..runtime.fp8 import fp8_layer_names, quantize_module
+        from ..quant.fp8 import fp8_layer_names, quantize_dit
         from .quant import Fp8Source
 
         # fp8-scaled files keep their fp8 block linears as stored; --fp8 quantises the others too
-        quantize_module(model, lambda name, module: is_dit_fp8_layer(name) and (fp8 or name in stored_fp8))
+        quantize_dit(model, only=None if fp8 else set(stored_fp8))
         source = Fp8Source(source, fp8_layer_names(model), device=device)
         keep_float32 = _is_fp8_scale
     log.info("loading the DiT from %d file(s) into %s %s%s", len(source.files), device, dtype, " (fp8 layers)" if fp8 else "")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -148,6 +149,36 @@ def locate_weights(root: Optional[os.PathLike | str] = None, variant: str = "sin
     return layout
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(value: os.PathLike | str) -> bool:
+    """True for "org/name" that is not an existing local path (the diffusers convention)."""
+    text = str(value)
+    return bool(HUB_ID.match(text)) and not Path(text).expanduser().exists()
+
+
+def resolve_weights(path_or_repo: Optional[os.PathLike | str] = None, variant: str = "single",
+                    log_fn: Callable[[str], None] = log.warning) -> WeightsLayout:
+    """The complete weights folder of `path_or_repo`: a local folder is used as it is
+    (`locate_weights`); the hub id of the official release ("MeiGen-AI/InfiniteTalk") means the
+    default weights folder, where the missing files are fetched first as `infinitetalk download`
+    does. Another hub id is an InputError (its files would not have the official layout)."""
+    if path_or_repo is None or not is_hub_id(path_or_repo):
+        return locate_weights(path_or_repo, variant)
+    if str(path_or_repo).lower() != INFINITETALK_REPO.lower():
+        raise InputError(
+            f"{path_or_repo} is not a local folder, and the only hub id understood is {INFINITETALK_REPO} "
+            "(the official weights); give a weights folder in the official layout instead."
+        )
+    root = default_weights_dir()
+    if WeightsLayout(root, variant).missing_files():
+        log_fn(f"{INFINITETALK_REPO}: fetching the missing {variant} weights into {root} (about 80 GB, resumable; "
+               f"the same as `{download_command(root, variant)}`)")
+        return download_weights(root, variant, log_fn=log.info)
+    return locate_weights(root, variant)
+
+
 @dataclass(frozen=True)
 class DownloadItem:
     repo: str
@@ -218,7 +249,7 @@ def preset_lora(root: Optional[os.PathLike | str], preset: str) -> Optional[tupl
     spec = PRESETS.get(preset, {}).get("lora")
     if not spec:
         return None
-    root_path = Path(root).expanduser() if root else default_weights_dir()
+    root_path = Path(root).expanduser() if root and not is_hub_id(root) else default_weights_dir()
     path = root_path / LORA_DIR / Path(spec["filename"]).name
     if not path.is_file():
         raise MissingWeightsError(

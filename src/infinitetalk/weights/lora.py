@@ -36,7 +36,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..errors import CheckpointError
-from ..runtime.fp8 import FP8_DTYPE, dequantize_weight
+from ..quant.fp8 import FP8_DTYPE, dequantize_weight
 from .materialize import LazyStateDict, open_weights
 
 logger = logging.getLogger(__name__)

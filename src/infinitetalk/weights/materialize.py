@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, MissingWeightsError
 
 SAFETENSORS_EXT = (".safetensors",)
@@ -103,10 +104,12 @@ def _open_one(path: Path):
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
+            from ..errors import unpickling_reason
+
             raise CheckpointError(
-                f"{path} could not be loaded as a PyTorch checkpoint with weights_only=True ({exc}). "
-                "It is damaged, incomplete, or holds pickled code, which is refused for safety."
-            ) from exc
+                f"{path} could not be loaded as a PyTorch checkpoint ({unpickling_reason(exc)}); it is damaged, "
+                "incomplete or not a plain tensor checkpoint: download it again or use its .safetensors file."
+            ) from None
         if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
             data = data["state_dict"]
         if not isinstance(data, dict):
@@ -151,7 +154,7 @@ def materialize(
     (unless `ignore_unexpected(key)`), raises CheckpointError naming the key and the files.
     Floating tensors are cast to `dtype` (unless `keep_float32(name)`, then float32).
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     expected = dict(module.state_dict(keep_vars=True))
     param_names = {n for n, _ in module.named_parameters()}
     file_list = ", ".join(str(f) for f in source.files)

@@ -39,7 +39,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from ..errors import CheckpointError, MissingWeightsError
-from ..runtime.fp8 import FP8_DTYPE, dequantize_weight, quantize_weight_rowwise
+from ..quant.fp8 import FP8_DTYPE, dequantize_weight, quantize_weight_rowwise
 from .materialize import LazyStateDict, open_weights
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ _SAFETENSORS_DTYPES = {
 class Fp8Source:
     """A weight source in the exact layout of a model with some `Fp8Linear` layers.
 
-    `fp8_layers`: module names that are `Fp8Linear` in the model (`runtime.fp8.fp8_layer_names`).
+    `fp8_layers`: module names that are `Fp8Linear` in the model (`quant.fp8.fp8_layer_names`).
     For X in it: `X.weight` is float8_e4m3fn and `X.weight_scale` float32 [out]; float weights
     are quantised on read (on `device`), fp8 ones with a stored scale pass through unchanged.
     For every other X with an fp8 weight in `source`, `X.weight` is dequantised to float32 and

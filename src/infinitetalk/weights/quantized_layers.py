@@ -4,7 +4,7 @@
   ggml type become `quant.GGUFLinear` (raw blocks on the device, dequantised per forward);
   every other tensor of the file is dequantised once at load.
 * fp8-scaled files (Kijai / ComfyUI): the linears stored in float8_e4m3fn with a scale become
-  `runtime.fp8.Fp8Linear` with the stored bytes and scales (the existing fp8 path).
+  `quant.fp8.Fp8Linear` with the stored bytes and scales (the existing fp8 path).
 * LoRAs: merged into float weights as before (`LoraMergedSource`); for GGUF layers they become a
   low-rank side path (or a full delta added at dequant time), since re-quantising would lose them.
 """

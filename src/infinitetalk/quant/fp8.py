@@ -21,31 +21,26 @@ Other cases:
   memory saving.
 
 Models get fp8 layers by explicit module replacement (`quantize_module`), never by patching
-classes. `save_fp8_checkpoint` / `load_fp8_checkpoint` write and read the quantised state dict
-(weights in fp8 plus `weight_scale` tensors) as safetensors so a model is quantised once.
+classes; `quantize_dit` is the one place that decides which DiT layers run in fp8 (the loader,
+the tiny model and the benchmarks all call it). No file I/O here: fp8 checkpoints are written
+and read by `infinitetalk.weights.fp8_checkpoint`.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import CheckpointError
-
 logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448.0
 # Smallest activation scale: a row of zeros gets this scale and quantises to zeros.
-_MIN_ACT_SCALE = 1e-12
-CHECKPOINT_FORMAT = "infinitetalk-fp8-e4m3fn-rowwise-v1"
+MIN_ACT_SCALE = 1e-12
 
 # DiT layers that run in fp8: the big linears of every block (self-attention q/k/v/o, text and
 # image cross-attention, FFN, audio cross-attention). Embeddings, the time projection,
@@ -83,7 +78,7 @@ def quantize_weight_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def quantize_activation_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a [M, K] activation to e4m3 with one float32 scale per row -> (x_q, scale[M, 1])."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_(min=_MIN_ACT_SCALE)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_(min=MIN_ACT_SCALE)
     q = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
@@ -298,63 +293,16 @@ def quantize_module(
     return model
 
 
+def quantize_dit(model: nn.Module, *, use_fast_accum: bool = False, only: Optional[set] = None) -> nn.Module:
+    """Turn the DiT's block linear layers (`is_dit_fp8_layer`) into `Fp8Linear`; returns `model`.
+
+    On a meta-built model the layers are empty (the loader fills them in fp8); on a loaded one
+    the weights are quantised now. `only` limits it to these layer names (a file's stored fp8 layers).
+    """
+    return quantize_module(model, lambda name, _m: is_dit_fp8_layer(name) and (only is None or name in only),
+                           use_fast_accum=use_fast_accum)
+
+
 def fp8_layer_names(model: nn.Module) -> set[str]:
     """Names of the `Fp8Linear` modules of `model` (what a weight source must deliver in fp8)."""
     return {name for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
-
-
-def save_fp8_checkpoint(model: nn.Module, path: os.PathLike | str) -> Path:
-    """Write the state dict of a (partly) fp8 model to one safetensors file.
-
-    fp8 layers are stored as `X.weight` (F8_E4M3) and `X.weight_scale` (F32); everything else
-    as it is in the model. The header metadata names the format and the fp8 layers.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    metadata = {
-        "format": "pt",
-        "infinitetalk_format": CHECKPOINT_FORMAT,
-        "fp8_layers": json.dumps(sorted(fp8_layer_names(model))),
-    }
-    save_file(state, str(path), metadata=metadata)
-    return path
-
-
-def fp8_layers_in(source) -> set[str]:
-    """Module names X for which a weight source holds an fp8 `X.weight` and an `X.weight_scale`."""
-    names = set()
-    for key in source.keys():
-        if key.endswith(".weight_scale"):
-            stem = key[: -len(".weight_scale")]
-            if stem + ".weight" in source:
-                names.add(stem)
-    return names
-
-
-def load_fp8_checkpoint(
-    module: nn.Module,
-    path: os.PathLike | str,
-    device: torch.device | str = "cpu",
-    *,
-    what: str = "fp8 model",
-) -> nn.Module:
-    """Fill a meta-built model from a file written by `save_fp8_checkpoint`; returns it.
-
-    The layers stored in fp8 are turned into `Fp8Linear` first (`quantize_module` restricted to
-    them), then every tensor is loaded strictly with its stored dtype.
-    """
-    from ..weights.materialize import materialize, open_weights
-
-    source = open_weights([path])
-    names = fp8_layers_in(source)
-    quantize_module(module, lambda name, _m: name in names)
-    missing = names - fp8_layer_names(module)
-    if missing:
-        raise CheckpointError(
-            f"{path} stores fp8 weights for {sorted(missing)[0]}, which is not an fp8-capable linear layer "
-            f"of the {what} ({len(missing)} such layers): the file is for another model."
-        )
-    return materialize(module, source, device=device, dtype=None, what=what)

@@ -1,0 +1,356 @@
+"""Offloading under VRAM budgets: smaller GPUs emulated on one big one, against the resident run.
+
+    python benchmarks/bench_offload.py --size 480 --dtype bf16 --out $OUT/offload_480_bf16.json
+    python benchmarks/bench_offload.py --size 720 --dtype fp8 --budgets 16,12 --speakers 1,2
+    python benchmarks/bench_offload.py --tiny --device cpu --out /tmp/offload_tiny.json   # CPU check of the script
+
+One process measures one size bucket set and one weight dtype (bf16 or fp8 block linears), with
+random weights of the real model sizes (14B DiT, ViT-H CLIP, Wan VAE) built on the GPU:
+1. the resident run (no cap): for each speaker count, one DiT forward (the "cond" branch with
+   the window's cached text/CLIP keys and values, as `GuidedDiT` runs it) and, for one speaker,
+   one full `--preset fast` window (CLIP, VAE encodes, 4 steps x 2 passes, decode, colour);
+2. per budget (largest first): `plan_offload` for that budget, the plan applied (streamed blocks
+   packed into pinned host memory behind a `BlockStreamer`, CLIP and VAE behind `ModulePlacer`s,
+   FFN chunks, tiled decode), the process capped with
+   `torch.cuda.set_per_process_memory_fraction(budget / total)`, then the same measures; the DiT
+   forward also with pageable host memory (the pinned-vs-pageable comparison). Then undone.
+Per case: `peak_reserved_gb` (`max_memory_reserved`), times and their ratios to the resident run
+of this process, the host RSS now and the process's peak RSS, pinned bytes, the plan in words,
+and the issue's targets checked (`targets`). The size is the plan's worst case: the largest
+bucket of the set (480: 1088x384, 720: 1920x512).
+Without CUDA (and without --tiny) it writes {"skipped": "no CUDA"} and exits 0. Each budget
+re-packs the streamed blocks and runs a window: split the budgets over several calls
+(`--budgets 24,16` then `--budgets 12,8,6`) to stay under the device's per-command limit.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from infinitetalk.config import PRESETS, GenerationConfig  # noqa: E402
+from infinitetalk.quant.fp8 import quantize_dit  # noqa: E402
+from infinitetalk.generation.color import match_and_blend_colors  # noqa: E402
+from infinitetalk.generation.conditioning import image_condition, motion_latent  # noqa: E402
+from infinitetalk.generation.guidance import Guidance  # noqa: E402
+from infinitetalk.generation.sampler import draw_window_noise, sample_window  # noqa: E402
+from infinitetalk.models.dit import WanDiTConfig  # noqa: E402
+from infinitetalk.models.image import CLIPVisionConfig, CLIPVisionEncoder  # noqa: E402
+from infinitetalk.models.vae import VAEFastOptions, WanVAE, WanVAEConfig  # noqa: E402
+from infinitetalk.generation.guided_dit import GuidedDiT  # noqa: E402
+from infinitetalk.runtime.fast import FastOptions, make_fast  # noqa: E402
+from infinitetalk.runtime.offload import BlockStreamer, ModulePlacer, host_ram_available  # noqa: E402
+from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload  # noqa: E402
+
+TARGETS = {  # (size, fp8) -> GB the issue wants the job to fit, at <= 1.10x the resident time
+    (480, True): 6, (480, False): 8, (720, True): 12, (720, False): 16,
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss() -> dict:
+    now = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    now = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"host_rss_gb": None if now is None else round(now / GiB, 2), "host_rss_peak_gb": round(peak / GiB, 2)}
+
+
+def _random_module(cls, cfg, device, dtype, seed):
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return cls(cfg).to(dtype).eval().requires_grad_(False)
+
+
+class Job:
+    """The models and inputs of one size/dtype, and the window as the pipeline runs it."""
+
+    def __init__(self, args, device):
+        from bench_dit import build_random_model
+
+        self.args, self.device = args, device
+        self.fp8 = args.dtype == "fp8"
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if args.tiny:
+            from infinitetalk.runtime.tiny_models import TinyConfigs
+
+            tiny = TinyConfigs.default()
+            dcfg, vcfg, ccfg = tiny.dit.replace(num_layers=4), tiny.vae, tiny.clip
+            self.models = OffloadModels.tiny(dtype, self.fp8)
+        else:
+            dcfg, vcfg, ccfg = WanDiTConfig.infinitetalk_14b(), WanVAEConfig(), CLIPVisionConfig()
+            self.models = OffloadModels.infinitetalk_14b(dtype, self.fp8)
+        self.cfg, self.dtype = dcfg, dtype
+        plan = plan_offload(self.models, 1000 * GiB, size=args.size)
+        self.hw = (plan.height, plan.width) if not args.tiny else (64, 64)
+        self.dit = build_random_model(dcfg, device, dtype)
+        torch._dynamo.reset()
+        if self.fp8:
+            quantize_dit(self.dit)
+        make_fast(self.dit, FastOptions(compile_blocks=device.type == "cuda", fp8_fast_accum=self.fp8))
+        self.vae_fast = VAEFastOptions() if device.type == "cuda" else None
+        self.vae = _random_module(WanVAE, vcfg, device, dtype, 1)
+        self.clip = _random_module(CLIPVisionEncoder, ccfg, device, torch.float16 if device.type == "cuda" else dtype, 2)
+        gen = torch.Generator(device=device).manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
+        self.context = rnd(min(24, dcfg.text_len), dcfg.text_dim) * 0.3
+        self.context_null = rnd(min(120, dcfg.text_len), dcfg.text_dim) * 0.3
+        frames = 1 + 4 * ((args.frames - 1) // 4)
+        self.audio = {n: rnd(n, frames, dcfg.audio_window, dcfg.audio_layers, dcfg.audio_channels) * 0.5 for n in (1, 2)}
+        h, w = self.hw
+        self.masks = torch.zeros(3, h, w, device=device)
+        self.masks[0, :, : w // 2] = 1
+        self.masks[1, :, w // 2:] = 1
+        self.cond = rnd(3, 1, h, w).clamp(-1, 1)
+        self.gcfg = GenerationConfig(**{**PRESETS["fast"]["settings"], "frame_num": frames,
+                                        "motion_frame": min(9, frames - 1), "size": args.size})
+        self.streamer = None
+        self.placers: dict = {}
+        self.plan = None
+
+    # -- placement
+    def placed(self, module):
+        import contextlib
+
+        placer = self.placers.get(id(module))
+        return placer.on_device() if placer is not None else contextlib.nullcontext()
+
+    def apply(self, plan, store: str) -> None:
+        """Carry out `plan` (as `runtime.offload.Offloader` does) with host store `store`."""
+        self.plan = plan
+        streamed = range(plan.resident_blocks, len(self.dit.blocks))
+        for i in streamed:
+            self.dit.blocks[i].to("cpu")
+        if len(streamed):
+            self.streamer = BlockStreamer(self.dit.blocks, self.device, streamed, store)
+        self.dit.ffn_chunks = plan.ffn_chunks
+        if not plan.encoders_resident:
+            for module in (self.clip, self.vae):
+                module.to("cpu")
+                self.placers[id(module)] = ModulePlacer(module, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def undo(self) -> None:
+        if self.streamer is not None:
+            self.streamer.detach()
+            self.streamer = None
+        self.dit.to(self.device)
+        for module in (self.clip, self.vae):
+            module.to(self.device)
+        self.placers.clear()
+        self.dit.ffn_chunks = 1
+        self.plan = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- measures
+    def guided(self, speakers: int, branches=("cond",)):
+        h, w = self.hw
+        t_lat = self.gcfg.latent_frames
+        gen = torch.Generator(device=self.device).manual_seed(1)
+        y = torch.randn(self.cfg.in_dim - 16, t_lat, h // 8, w // 8, generator=gen, device=self.device)
+        clip_fea = torch.randn(1, 257, self.cfg.clip_dim, generator=gen, device=self.device).to(self.dtype)
+        guided = GuidedDiT(self.dit, branches, context=self.context, context_null=self.context_null, clip_fea=clip_fea,
+                           y=y, audio=self.audio[speakers].to(self.dtype), ref_target_masks=self.masks if speakers == 2 else None)
+        latent = torch.randn(16, t_lat, h // 8, w // 8, generator=gen, device=self.device)
+        return guided, latent
+
+    def forward_s(self, speakers: int, reps: int) -> float:
+        with torch.inference_mode():
+            guided, latent = self.guided(speakers)
+            t = torch.tensor([900.0], device=self.device)
+            guided.predict_branch(latent, t, "cond")  # warm-up (compilation on the first call)
+            times = []
+            for _ in range(reps):
+                _sync(self.device)
+                start = time.perf_counter()
+                guided.predict_branch(latent, t, "cond")
+                _sync(self.device)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def window_s(self, speakers: int = 1) -> float:
+        cfg, device = self.gcfg, self.device
+        tiling = self.plan.decode_tiling() if self.plan is not None else None
+        with torch.inference_mode():
+            _sync(device)
+            start = time.perf_counter()
+            with self.placed(self.clip):
+                clip_fea = self.clip(self.cond[None].to(device, next(self.clip.parameters()).dtype)).to(self.dtype)
+            with self.placed(self.vae):
+                y = image_condition(self.vae, self.cond, cfg.frame_num, None, self.vae_fast).to(device)
+                motion = motion_latent(self.vae, self.cond, None, self.vae_fast).to(device)
+            h, w = self.hw
+            gen = torch.Generator(device=device).manual_seed(0)
+            noise = draw_window_noise((16, cfg.latent_frames, h // 8, w // 8), gen, device)
+            guided = GuidedDiT(self.dit, Guidance.from_config(cfg).branches, context=self.context,
+                               context_null=self.context_null, clip_fea=clip_fea, y=y,
+                               audio=self.audio[speakers].to(self.dtype),
+                               ref_target_masks=self.masks if speakers == 2 else None)
+            latent = sample_window(guided.predict_branch, noise, motion, 1, cfg, gen, first_window=True)
+            del guided
+            with self.placed(self.vae):
+                video = self.vae.decode(latent[None], fast=self.vae_fast, tiling=tiling)[0].float()
+            video = match_and_blend_colors(video, self.cond.to(device), cfg.color_correction_strength)
+            ((video + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()
+            _sync(device)
+        return time.perf_counter() - start
+
+
+def measure_case(job: Job, args, speakers_list, with_window: bool) -> dict:
+    device = job.device
+    out = {}
+    for speakers in speakers_list:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        fwd = job.forward_s(speakers, args.reps)
+        entry = {"forward_s": round(fwd, 3)}
+        if with_window and speakers == 1:
+            job.window_s(1)  # warm-up: VAE/CLIP kernels, compiled shapes of the window
+            entry["window_s"] = round(job.window_s(1), 3)
+        if device.type == "cuda":
+            entry["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / GiB, 3)
+            entry["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / GiB, 3)
+        entry.update(_rss())
+        out[f"{speakers}spk"] = entry
+    return out
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    result = {
+        "benchmark": "offload",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "commit": os.environ.get("INFINITETALK_COMMIT", "unknown"),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "size": args.size, "dtype": args.dtype, "frames": args.frames, "preset": "fast",
+        "host_ram_available_gb": round((host_ram_available() or 0) / GiB, 1),
+        "cases": {}, "errors": {},
+    }
+
+    def save():
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    job = Job(args, device)
+    speakers = [int(s) for s in args.speakers.split(",")]
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    print(f"--- resident ({args.size}p, {args.dtype})", flush=True)
+    resident = measure_case(job, args, speakers, not args.no_window)
+    result["cases"]["resident"] = resident
+    save()
+    budgets = [float(b) for b in args.budgets.split(",")] if not args.tiny else [0.0]
+    for gb in sorted(budgets, reverse=True):
+        key = f"{gb:g}GB"
+        print(f"--- budget {key}", flush=True)
+        try:
+            if args.tiny:  # stream every block of the 4-layer tiny DiT on the CPU
+                plan = plan_offload(job.models, GiB, size=args.size)
+                plan = dataclasses.replace(plan, num_blocks=len(job.dit.blocks), resident_blocks=0, encoders_resident=False,
+                                           text_encoder="gpu", host_store="pinned")
+            else:
+                plan = plan_offload(job.models, int(gb * GiB), size=args.size, speakers=max(speakers), passes=2,
+                                    host_ram_bytes=host_ram_available())
+            case = {"plan": plan.describe(), "plan_vram_gb": round(plan.vram_bytes / GiB, 3),
+                    "resident_blocks": plan.resident_blocks, "host_store": plan.host_store}
+            store = "pinned" if plan.host_store == "pinned" else ("mmap" if plan.host_store == "mmap" else "plain")
+            job.apply(plan, store)
+            case["pinned_gb"] = round(job.streamer.host_bytes / GiB, 3) if job.streamer and store == "pinned" else 0.0
+            if total is not None:
+                torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GiB / total), device)
+            case.update(measure_case(job, args, speakers, not args.no_window))
+            if job.streamer is not None and store == "pinned" and not args.no_pageable:
+                job.undo()
+                job.apply(plan, "plain")
+                case["forward_pageable_s"] = round(job.forward_s(1, args.reps), 3)
+            for spk in speakers:
+                mine, ref = case[f"{spk}spk"], resident[f"{spk}spk"]
+                mine["forward_ratio"] = round(mine["forward_s"] / ref["forward_s"], 3)
+                if "window_s" in mine and "window_s" in ref:
+                    mine["window_ratio"] = round(mine["window_s"] / ref["window_s"], 3)
+            if "2spk" in case and "1spk" in case:
+                case["two_vs_one_speaker"] = round(case["2spk"]["forward_ratio"] / case["1spk"]["forward_ratio"], 3)
+            result["cases"][key] = case
+        except Exception as exc:  # keep going: one failing budget must not lose the others
+            traceback.print_exc()
+            result["errors"][key] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        finally:
+            if total is not None:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+            job.undo()
+        save()
+    result["targets"] = check_targets(result, args.size, args.dtype == "fp8")
+    save()
+    return result
+
+
+def check_targets(result: dict, size: int, fp8: bool) -> dict:
+    """The issue's targets for this size/dtype: the budget, peak VRAM within it, time ratios <= 1.10x (two speakers <= 1.05x of one)."""
+    gb = TARGETS.get((size, fp8))
+    case = result["cases"].get(f"{gb:g}GB") if gb is not None else None
+    if case is None:
+        return {"budget_gb": gb, "measured": False}
+    one = case.get("1spk", {})
+    checks = {
+        "budget_gb": gb, "measured": True,
+        "peak_within_budget": one.get("peak_reserved_gb", 1e9) <= gb,
+        "forward_ratio_ok": one.get("forward_ratio", 1e9) <= 1.10,
+        "window_ratio_ok": one.get("window_ratio", 1e9) <= 1.10 if "window_ratio" in one else None,
+    }
+    if "two_vs_one_speaker" in case:
+        checks["two_speakers_ok"] = case["two_vs_one_speaker"] <= 1.05
+        checks["two_speakers_peak_within_budget"] = case["2spk"].get("peak_reserved_gb", 1e9) <= gb
+    return checks
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, choices=(480, 720), default=480)
+    ap.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16")
+    ap.add_argument("--budgets", default="24,16,12,8,6", help="GB, comma-separated")
+    ap.add_argument("--speakers", default="1,2")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--no-window", action="store_true", help="DiT forwards only")
+    ap.add_argument("--no-pageable", action="store_true", help="skip the pageable-memory forward")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models, every block streamed (CPU check)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available() or (args.device == "cpu" and not args.tiny):
+        print("bench_offload: no CUDA device; nothing measured")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"skipped": "no CUDA"}) + "\n")
+        return 0
+    result = run(args)
+    print(json.dumps({k: result[k] for k in ("cases", "errors", "targets")}, indent=1)[:6000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Run the models under a VRAM budget: DiT blocks streamed from host memory, models on the GPU per call.
+
+Composed around the modules with forward pre-hooks, never by changing the model code:
+
+* `BlockStreamer` keeps some blocks of a `ModuleList` on the device and the others packed in
+  host memory (one pinned slab per block, or a memory-mapped file when host RAM is short). Two
+  device slots hold streamed blocks: when block i starts, block i's copy is waited for on the
+  compute stream (an event, no host sync) and the next streamed block is copied into the other
+  slot on a side stream after the work queued so far (another event), so the copy of block i+1
+  overlaps the compute of block i. A block's tensors are swapped in by `.data` (parameters) and
+  `_buffers` (buffers) to views of the slot, so compiled blocks see the same shapes, dtypes and
+  devices every call. The trigger is a pre-hook on the block (run outside torch.compile) plus
+  pre-hooks on its submodules for the eager calls that use a block's layers outside its forward
+  (`cross_attn.context_kv`, `audio_cross_attn.audio_kv`). On the CPU the same code runs
+  without streams or events.
+* `ModulePlacer` moves a model (umT5, CLIP, wav2vec2, VAE) onto the device only inside
+  `with placer.on_device():`, keeping its host copy (pinned on CUDA) so nothing is reallocated.
+* `Offloader` applies an `OffloadPlan` (see `runtime.offload_plan`) to the pipeline's models.
+
+What streams is every registered parameter and buffer of a block, as the bytes it is (bf16,
+fp8 `Fp8Linear` weights with their float32 scales, LoRA-merged weights, and any quantised layer
+that keeps its data in registered parameters or buffers); tensors held as plain attributes are
+not seen and would stay where they are.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .offload_plan import GiB, OffloadPlan
+
+log = logging.getLogger(__name__)
+
+ALIGN = 256
+"""Byte alignment of every tensor inside a packed slab (what the kernels and inductor expect)."""
+AUTO_MARGIN_FRACTION = 0.05
+AUTO_MARGIN_MIN = GiB
+"""`vram_budget="auto"`: the free memory of the GPU minus max(5%, 1 GiB)."""
+
+
+def host_ram_available() -> Optional[int]:
+    """Bytes of host memory available now (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def resolve_budget(vram_budget, device: torch.device) -> Optional[int]:
+    """`vram_budget` (GB as a number, "auto" or None) -> bytes, or None for no offloading.
+
+    "auto" on a CUDA device: its free memory now minus a margin; on the CPU "auto" and None mean
+    no offloading (a number still builds and applies the plan, so the code path runs anywhere).
+    """
+    from ..errors import InputError
+
+    if vram_budget is None:
+        return None
+    if isinstance(vram_budget, str):
+        text = vram_budget.strip().lower()
+        if text == "auto":
+            if device.type != "cuda":
+                return None
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free - max(AUTO_MARGIN_MIN, free * AUTO_MARGIN_FRACTION))
+        try:
+            vram_budget = float(text)
+        except ValueError:
+            raise InputError(f"The VRAM budget must be a number of GB or 'auto', got {vram_budget!r}.") from None
+    if isinstance(vram_budget, bool) or not isinstance(vram_budget, (int, float)) or not vram_budget > 0:
+        raise InputError(f"The VRAM budget must be a positive number of GB or 'auto', got {vram_budget!r}.")
+    return int(float(vram_budget) * GiB)
+
+
+# ---- packing the tensors of a module into one slab ------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    owner: nn.Module
+    name: str
+    is_param: bool
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple
+
+
+def _layout(module: nn.Module) -> tuple[list[_Entry], int]:
+    """Every parameter and buffer of `module` (each tensor once) at aligned offsets of one slab."""
+    entries, seen, offset = [], set(), 0
+    for owner in module.modules():
+        for is_param, table in ((True, owner._parameters), (False, owner._buffers)):
+            for name, tensor in table.items():
+                if tensor is None or id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                nbytes = tensor.numel() * tensor.element_size()
+                entries.append(_Entry(owner, name, is_param, offset, nbytes, tensor.dtype, tuple(tensor.shape)))
+                offset += -(-nbytes // ALIGN) * ALIGN
+    return entries, offset
+
+
+def _views(entries: Sequence[_Entry], slab: torch.Tensor) -> list[torch.Tensor]:
+    return [slab[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in entries]
+
+
+def _current(entry: _Entry) -> torch.Tensor:
+    table = entry.owner._parameters if entry.is_param else entry.owner._buffers
+    return table[entry.name]
+
+
+def _point_to(entries: Sequence[_Entry], tensors: Sequence[torch.Tensor]) -> None:
+    """Make every entry's parameter (same object, new `.data`) or buffer the given tensor."""
+    for e, t in zip(entries, tensors):
+        if e.is_param:
+            e.owner._parameters[e.name].data = t
+        else:
+            e.owner._buffers[e.name] = t
+
+
+def _pack_into(entries: Sequence[_Entry], slab: torch.Tensor) -> list[torch.Tensor]:
+    views = _views(entries, slab)
+    for e, v in zip(entries, views):
+        v.copy_(_current(e).detach().reshape(e.shape))
+    return views
+
+
+class SpillFile:
+    """Packed slabs written to one file and memory-mapped back (the host store when RAM is short).
+
+    The file lives in `directory` (default: the system temp folder) and is removed on `close`.
+    """
+
+    def __init__(self, total_bytes: int, directory: Optional[os.PathLike] = None):
+        fd, name = tempfile.mkstemp(prefix="infinitetalk-offload-", suffix=".bin", dir=directory)
+        self.path = Path(name)
+        os.close(fd)
+        with open(self.path, "r+b") as fh:
+            fh.truncate(max(1, total_bytes))
+        storage = torch.UntypedStorage.from_file(str(self.path), True, max(1, total_bytes))
+        self.data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (max(1, total_bytes),))
+        self.used = 0
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        start = self.used
+        self.used += -(-nbytes // ALIGN) * ALIGN
+        return self.data[start : start + nbytes]
+
+    def close(self) -> None:
+        self.data = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _host_slab(nbytes: int, store: str, spill: Optional[SpillFile]) -> torch.Tensor:
+    if store == "mmap":
+        return spill.allocate(nbytes)
+    pin = store == "pinned" and torch.cuda.is_available()
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+# ---- block streaming ------------------------------------------------------------------------
+
+
+class BlockStreamer:
+    """Streams the blocks `streamed` of `blocks` (an nn.ModuleList) through two device slots.
+
+    The blocks not streamed must already be on `device`. The streamed ones are packed into host
+    slabs now (`store`: "pinned", "mmap" into a `SpillFile`, or "plain" pageable memory) and
+    their own tensors released. `detach()` removes the hooks and puts every streamed block back
+    into ordinary host tensors.
+    """
+
+    def __init__(
+        self,
+        blocks: nn.ModuleList,
+        device: torch.device | str,
+        streamed: Sequence[int],
+        store: str = "pinned",
+        spill_dir: Optional[os.PathLike] = None,
+    ):
+        self.blocks = blocks
+        self.device = torch.device(device)
+        self.order = list(range(len(blocks)))
+        self.streamed = sorted(set(int(i) for i in streamed))
+        self.store = store
+        self.cuda = self.device.type == "cuda"
+        self._layouts: dict[int, list[_Entry]] = {}
+        self._host: dict[int, list[torch.Tensor]] = {}
+        self._host_slab: dict[int, torch.Tensor] = {}
+        self._spill = None
+        sizes = {}
+        for i in self.streamed:
+            self._layouts[i], sizes[i] = _layout(blocks[i])
+        total = sum(-(-s // ALIGN) * ALIGN for s in sizes.values())
+        if store == "mmap" and self.streamed:
+            self._spill = SpillFile(total, spill_dir)
+        for i in self.streamed:  # block by block, so the host never holds a block twice for long
+            slab = _host_slab(sizes[i], store, self._spill)
+            self._host[i] = _pack_into(self._layouts[i], slab)
+            self._host_slab[i] = slab
+            _point_to(self._layouts[i], self._host[i])
+        slot_bytes = max(sizes.values(), default=0)
+        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)] if self.streamed else []
+        self._slot_of: dict[int, int] = {}  # block -> slot holding it
+        self._in_slot: list[Optional[int]] = [None, None]
+        self._ready: dict[int, object] = {}  # block -> event: its copy is done
+        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda and self.streamed else None
+        self.current: Optional[int] = None
+        self.copies = 0
+        self._handles = []
+        if self.streamed:
+            self._install_hooks()
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(s.numel() for s in self._host_slab.values())
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(s.numel() for s in self._slots)
+
+    # -- hooks
+    def _install_hooks(self) -> None:
+        for i, block in enumerate(self.blocks):
+            block_hook = torch.compiler.disable(self._block_hook(i))
+            self._handles.append(block.register_forward_pre_hook(block_hook))
+            for sub in block.modules():
+                if sub is not block and (sub._parameters or sub._buffers):
+                    self._handles.append(sub.register_forward_pre_hook(self._eager_hook(i)))
+
+    def _block_hook(self, index: int):
+        def hook(_module, _args):
+            self.before(index)
+
+        return hook
+
+    def _eager_hook(self, index: int):
+        def hook(_module, _args):
+            if torch.compiler.is_compiling():  # inside a compiled block: its block hook ran already
+                return
+            if self.current != index:
+                self.before(index)
+
+        return hook
+
+    # -- scheduling
+    def _next_streamed(self, index: int) -> Optional[int]:
+        later = [i for i in self.streamed if i > index]
+        nxt = later[0] if later else self.streamed[0]
+        return None if nxt == index and len(self.streamed) == 1 else nxt
+
+    def before(self, index: int) -> None:
+        """Make block `index` usable by the work queued next, and start the copy of the next streamed block."""
+        if index == self.current:
+            return
+        if self.cuda:
+            queued = torch.cuda.Event()
+            queued.record(torch.cuda.current_stream(self.device))
+        else:
+            queued = None
+        if index in self._layouts:
+            if index not in self._slot_of:
+                self._load(index, self._free_slot(keep=None), queued)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._ready[index])
+        self.current = index
+        nxt = self._next_streamed(index)
+        if nxt is not None and nxt not in self._slot_of:
+            self._load(nxt, self._free_slot(keep=index), queued)
+
+    def _free_slot(self, keep: Optional[int]) -> int:
+        for s, occupant in enumerate(self._in_slot):
+            if occupant is None:
+                return s
+        for s, occupant in enumerate(self._in_slot):
+            if occupant != keep:
+                self._evict(occupant)
+                return s
+        raise RuntimeError("no free block slot")  # cannot happen with two slots
+
+    def _evict(self, index: int) -> None:
+        slot = self._slot_of.pop(index)
+        self._in_slot[slot] = None
+        self._ready.pop(index, None)
+        _point_to(self._layouts[index], self._host[index])
+
+    def _load(self, index: int, slot: int, queued) -> None:
+        """Copy block `index` into `slot` after the work queued so far (which may still read the slot)."""
+        src = self._host_slab[index]
+        dst = self._slots[slot][: src.numel()]
+        if self.cuda:
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(queued)
+                dst.copy_(src, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._copy_stream)
+            self._ready[index] = done
+        else:
+            dst.copy_(src)
+        self.copies += 1
+        self._slot_of[index] = slot
+        self._in_slot[slot] = index
+        _point_to(self._layouts[index], _views(self._layouts[index], self._slots[slot]))
+
+    def detach(self) -> None:
+        """Remove the hooks; streamed blocks end up in ordinary (pageable) host tensors."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for index in list(self._slot_of):
+            self._evict(index)
+        for index, entries in self._layouts.items():
+            _point_to(entries, [t.clone() for t in self._host[index]])
+        self._host.clear()
+        self._host_slab.clear()
+        self._slots = []
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self.current = None
+
+
+# ---- models on the device per call ----------------------------------------------------------
+
+
+class ModulePlacer:
+    """Keeps `module` in host memory and puts it on `device` only inside `on_device()`.
+
+    The host copy is one slab (pinned on CUDA); entering copies it into a device buffer and points
+    the module's tensors at it, leaving points them back and frees the buffer. Nested entries
+    are counted. On a CPU `device` nothing moves.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | str):
+        self.module = module
+        self.device = torch.device(device)
+        self.entries, size = _layout(module)
+        self.moves = self.device.type != "cpu"
+        self.depth = 0
+        if self.moves:
+            slab = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            self.host = _pack_into(self.entries, slab)
+            self.slab = slab
+            _point_to(self.entries, self.host)
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[nn.Module]:
+        if not self.moves:
+            yield self.module
+            return
+        self.depth += 1
+        try:
+            if self.depth == 1:
+                buffer = self.slab.to(self.device, non_blocking=True)
+                _point_to(self.entries, _views(self.entries, buffer))
+                del buffer
+            yield self.module
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                _point_to(self.entries, self.host)
+
+
+# ---- the plan applied to the pipeline's models ----------------------------------------------
+
+
+class Offloader:
+    """Carries out an `OffloadPlan` on the pipeline's models (`generation.components.Components`).
+
+    Use: load every model on the host, `prepare_dit(dit)` (non-block parts and resident blocks to
+    the device), apply the speed path (`runtime.fast.make_fast`), then `attach(components)` (the
+    streamed blocks, the per-call models, the encoder placement). `placed(module)` is the context
+    the pipeline wraps around every model call.
+    """
+
+    def __init__(self, plan: OffloadPlan, device: torch.device | str, spill_dir: Optional[os.PathLike] = None):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.spill_dir = spill_dir
+        self.streamer: Optional[BlockStreamer] = None
+        self._placers: dict[int, ModulePlacer] = {}
+
+    def prepare_dit(self, dit: nn.Module) -> nn.Module:
+        """Move the DiT's non-block parts and its resident blocks to the device (streamed ones stay)."""
+        for name, child in dit.named_children():
+            if name != "blocks":
+                child.to(self.device)
+        for i, block in enumerate(dit.blocks):
+            if i < self.plan.resident_blocks:
+                block.to(self.device)
+        for name in list(dit._parameters):
+            if dit._parameters[name] is not None:
+                dit._parameters[name].data = dit._parameters[name].data.to(self.device)
+        return dit
+
+    def attach(self, components) -> None:
+        """Stream the DiT's other blocks and place the other models as the plan says."""
+        plan, dit = self.plan, components.dit
+        streamed = range(plan.resident_blocks, len(dit.blocks))
+        if len(streamed):
+            store = {"pinned": "pinned", "mmap": "mmap"}.get(plan.host_store, "plain")
+            self.streamer = BlockStreamer(dit.blocks, self.device, streamed, store, self.spill_dir)
+        text_model = components.text_encoder.model
+        if plan.text_encoder == "resident":
+            text_model.to(self.device)
+        elif plan.text_encoder == "gpu":
+            self._placers[id(text_model)] = ModulePlacer(text_model, self.device)
+        for module in (components.clip, components.audio_encoder, components.vae):
+            if plan.encoders_resident:
+                module.to(self.device)
+            else:
+                self._placers[id(module)] = ModulePlacer(module, self.device)
+        log.info("%s", plan.describe())
+
+    def placed(self, module: nn.Module):
+        """Context manager: `module` on the device while the block inside runs (no-op when resident)."""
+        placer = self._placers.get(id(module))
+        return placer.on_device() if placer is not None else contextlib.nullcontext(module)
+
+    def detach(self) -> None:
+        if self.streamer is not None:
+            self.streamer.detach()
+            self.streamer = None

@@ -1,0 +1,208 @@
+"""The offload wrapper (`runtime.offload`) on the tiny models: streamed blocks give bit-identical outputs.
+
+On the CPU the streamer runs the same code as on a GPU minus the side stream and events: blocks
+are packed into host slabs, copied into two slots and their tensors pointed at the slot.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from infinitetalk.generation.sampler import BlockCache
+from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig
+from infinitetalk.generation.guided_dit import GuidedDiT
+from infinitetalk.quant.fp8 import Fp8Linear, is_dit_fp8_layer, quantize_module
+from infinitetalk.runtime.offload import BlockStreamer, resolve_budget
+from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload
+from infinitetalk.runtime.tiny_models import random_init_
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _dit(layers: int = 4, fp8: bool = False, seed: int = 0) -> InfiniteTalkDiT:
+    cfg = WanDiTConfig.tiny(num_layers=layers)
+    with torch.device("meta"):
+        model = InfiniteTalkDiT(cfg)
+    model = random_init_(model.to_empty(device="cpu"), torch.Generator().manual_seed(seed)).eval().requires_grad_(False)
+    if fp8:
+        quantize_module(model, lambda name, _m: is_dit_fp8_layer(name))
+    return model
+
+
+def _inputs(cfg: WanDiTConfig, speakers: int = 1, frames: int = 3, hw: int = 8, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    video_frames = 1 + cfg.vae_scale * (frames - 1)
+    masks = torch.zeros(3, hw, hw)
+    masks[0, :, : hw // 2] = 1
+    masks[1, :, hw // 2 :] = 1
+    return {
+        "latent": torch.randn(16, frames, hw, hw, generator=g),
+        "y": torch.randn(cfg.in_dim - 16, frames, hw, hw, generator=g),
+        "context": torch.randn(7, cfg.text_dim, generator=g),
+        "context_null": torch.randn(5, cfg.text_dim, generator=g),
+        "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=g),
+        "audio": torch.randn(speakers, video_frames, cfg.audio_window, cfg.audio_layers, cfg.audio_channels, generator=g),
+        "ref_target_masks": masks if speakers == 2 else None,
+    }
+
+
+def _predict(model, inp, branches, cache_conditions, steps=(900.0, 500.0), teacache=False) -> list[torch.Tensor]:
+    guided = GuidedDiT(
+        model, branches, context=inp["context"], context_null=inp["context_null"], clip_fea=inp["clip_fea"],
+        y=inp["y"], audio=inp["audio"], ref_target_masks=inp["ref_target_masks"], cache_conditions=cache_conditions,
+    )
+    out, caches = [], {b: BlockCache() for b in branches}
+    for i, t in enumerate(steps):
+        for b in branches:
+            cache = None
+            if teacache:
+                cache = caches[b]
+                cache.reuse = i > 0  # second step reuses the residual of the first
+            out.append(guided.predict_branch(inp["latent"], torch.tensor([t]), b, cache))
+    return out
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+@pytest.mark.parametrize(
+    "resident,speakers,fp8,cache,branches",
+    [
+        (0, 1, False, "context", ("cond", "drop_text", "uncond")),
+        (1, 2, False, "all", ("cond", "drop_text", "uncond")),
+        (2, 1, True, "none", ("cond", "drop_audio")),
+        (0, 2, True, "context", ("cond", "drop_audio")),
+    ],
+)
+def test_streamed_blocks_give_identical_outputs(resident, speakers, fp8, cache, branches):
+    model = _dit(4, fp8)
+    inp = _inputs(model.config, speakers)
+    reference = _predict(model, inp, branches, cache)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    streamer = BlockStreamer(model.blocks, "cpu", range(resident, 4), store="plain")
+    # streamed blocks live in host slabs: their tensors are not the originals any more
+    assert streamer.host_bytes > 0 and streamer.slot_bytes > 0
+    streamed = _predict(model, inp, branches, cache)
+    _same(reference, streamed)
+    assert streamer.copies >= 4 - resident  # the blocks were really copied in
+    if fp8:
+        assert any(isinstance(m, Fp8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in model.blocks[3].modules())
+    streamer.detach()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    _same(reference, _predict(model, inp, branches, cache))
+
+
+def test_at_most_two_streamed_blocks_occupy_slots_and_teacache_works():
+    model = _dit(5)
+    inp = _inputs(model.config)
+    reference = _predict(model, inp, ("cond", "drop_audio"), "context", teacache=True)
+    streamer = BlockStreamer(model.blocks, "cpu", [1, 2, 3, 4], store="plain")
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda *_: seen.append(sum(o is not None for o in streamer._in_slot)))
+    with torch.inference_mode():  # as the GPU benchmark runs it: slot views made inside inference mode
+        _same(reference, _predict(model, inp, ("cond", "drop_audio"), "context", teacache=True))
+    assert seen and max(seen) <= 2 and len(streamer._slots) == 2
+    # every streamed block's tensors point into a slot only while it is loaded
+    loaded = {i for i in streamer._in_slot if i is not None}
+    for i in (1, 2, 3, 4):
+        on_host = all(p.data_ptr() != 0 and not _in_slots(p, streamer) for p in model.blocks[i].parameters())
+        assert on_host == (i not in loaded)
+
+
+def _in_slots(p: torch.Tensor, streamer) -> bool:
+    return any(s.data_ptr() <= p.data_ptr() < s.data_ptr() + s.numel() for s in streamer._slots)
+
+
+def test_compiled_blocks_stream_without_graph_breaks():
+    from torch._dynamo.utils import counters
+
+    model = _dit(3)
+    inp = _inputs(model.config)
+    reference = _predict(model, inp, ("cond",), "context", steps=(900.0,))
+    torch._dynamo.reset()
+    counters.clear()
+    for block in model.blocks:
+        block.compile(backend="eager", dynamic=False)
+    streamer = BlockStreamer(model.blocks, "cpu", [1, 2], store="mmap")
+    out = _predict(model, inp, ("cond",), "context", steps=(900.0, 900.0))
+    assert torch.equal(out[0], reference[0]) and torch.equal(out[1], reference[0])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    spill = streamer._spill.path
+    assert spill.is_file()
+    streamer.detach()
+    assert not spill.exists()
+    torch._dynamo.reset()
+
+
+def test_budget_resolution():
+    assert resolve_budget(None, torch.device("cpu")) is None
+    assert resolve_budget("auto", torch.device("cpu")) is None
+    assert resolve_budget(8, torch.device("cpu")) == 8 * GiB
+    assert resolve_budget("0.5", torch.device("cpu")) == GiB // 2
+    from infinitetalk.errors import InputError
+
+    for bad in ("lots", -1, 0):
+        with pytest.raises(InputError):
+            resolve_budget(bad, torch.device("cpu"))
+
+
+def _frames(pipe, inputs, cfg) -> np.ndarray:
+    return np.concatenate([c.frames for c in pipe.stream(inputs, cfg)])
+
+
+@pytest.mark.slow
+def test_pipeline_with_streamed_dit_matches_resident(media_dir):
+    from infinitetalk.generation.pipeline import InfiniteTalk
+
+    resident = InfiniteTalk.from_pretrained(model="tiny", device="cpu", vram_budget=None)
+    assert resident.components.offload is None
+    inputs, cfg = resident.prepare(image=str(media_dir / "portrait.png"), audio=str(media_dir / "speaker1.wav"),
+                                   sample_steps=1, frame_num=5, motion_frame=1, max_frames=5, mode="clip")
+    base = _frames(resident, inputs, cfg)
+    plan = plan_offload(OffloadModels.tiny(), int(0.5 * GiB), size=480)
+    # the tiny DiT has two blocks, which fit in the two slots; stream one of them
+    plan = dataclasses.replace(plan, resident_blocks=1, host_store="pinned", encoders_resident=False, text_encoder="gpu",
+                               vae_tiling=False, ffn_chunks=2)
+    streamed = InfiniteTalk.from_pretrained(model="tiny", device="cpu", vram_budget=plan)
+    offload = streamed.components.offload
+    assert offload.streamer is not None and streamed.components.dit.ffn_chunks == 2
+    assert "1/2 blocks resident" in streamed.memory_plan()
+    frames = _frames(streamed, inputs, cfg)
+    assert frames.std() > 0
+    np.testing.assert_array_equal(base, frames)
+    assert offload.streamer.copies > 0
+
+
+@pytest.mark.slow
+def test_cli_generate_with_vram_budget(tmp_path, media_dir, capsys):
+    """`infinitetalk generate --model tiny --vram 8 ...` end to end (in-process: the same `main`)."""
+    from infinitetalk.cli import main
+
+    image, audio = media_dir / "portrait.png", media_dir / "speaker1.wav"
+    out = tmp_path / "talk.mp4"
+    argv = ["generate", "--model", "tiny", "--vram", "8", "--image", str(image), "--audio", str(audio),
+            "--output", str(out), "--steps", "1", "--max-seconds", "0.2", "--mode", "clip"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert out.is_file() and out.stat().st_size > 0
+    assert "VRAM plan for a budget of 8.00 GB" in err and "2/2 blocks resident" in err
+    bad = [a if a != "8" else "lots" for a in argv]
+    bad[bad.index("--output") + 1] = str(tmp_path / "bad.mp4")
+    with pytest.raises(SystemExit) as exit_:
+        main(bad)
+    assert exit_.value.code == 2 and "VRAM budget" in capsys.readouterr().err
+    assert not (tmp_path / "bad.mp4").exists()

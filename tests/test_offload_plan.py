@@ -1,0 +1,203 @@
+"""The VRAM planner (`runtime.offload_plan`): exact byte counts of the 14B models and plans for 4-140 GB.
+
+Every number the planner uses is recomputed here from the config fields by hand (parameter
+shapes of the official checkpoint, the documented activation model), not through its helpers.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from infinitetalk.errors import DeviceOutOfMemoryError
+from infinitetalk.models.dit import WanDiTConfig
+from infinitetalk.runtime.offload_plan import (
+    ENCODER_ACTIVATION_FRACTION,
+    GiB,
+    HOST_MARGIN_BYTES,
+    RESERVE_FRACTION,
+    OffloadModels,
+    min_budget,
+    plan_offload,
+)
+
+CFG = WanDiTConfig.infinitetalk_14b()
+D, F, OD = CFG.dim, CFG.ffn_dim, CFG.output_dim
+
+
+def _linears() -> list[tuple[int, int]]:
+    """(out, in) of every linear layer of one block (all with bias)."""
+    return [(D, D)] * 4 + [(D, D)] * 6 + [(F, D), (D, F)] + [(D, D), (2 * D, OD), (D, D)]
+
+
+def block_bytes(fp8: bool) -> int:
+    norms = 6 * D + 2 * D + 2 * D + 3 * D + 2 * D  # modulation, self q/k norms, norm3, cross q/k/k_img norms, norm_x
+    if fp8:
+        return sum(o * i + 4 * o + 2 * o for o, i in _linears()) + 2 * norms
+    return 2 * (sum(o * i + o for o, i in _linears()) + norms)
+
+
+def fixed_params() -> int:
+    c, p = CFG.clip_dim, math.prod(CFG.patch_size)
+    aw, vs, al, ac, idim, ct = CFG.audio_window, CFG.vae_scale, CFG.audio_layers, CFG.audio_channels, CFG.intermediate_dim, CFG.context_tokens
+    return (
+        CFG.in_dim * D * p + D  # patch embedding
+        + CFG.text_dim * D + D + D * D + D  # text embedding
+        + CFG.freq_dim * D + D + D * D + D  # time embedding
+        + D * 6 * D + 6 * D  # time projection
+        + D * p * CFG.out_dim + p * CFG.out_dim + 2 * D  # head linear + head modulation
+        + 2 * c + c * c + c + c * D + D + 2 * D  # img_emb
+        + aw * al * ac * idim + idim + (aw + vs - 1) * al * ac * idim + idim + idim * idim + idim
+        + idim * ct * OD + ct * OD + 2 * OD  # audio_proj
+    )
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {fp8: OffloadModels.infinitetalk_14b(torch.bfloat16, fp8) for fp8 in (False, True)}
+
+
+def test_parameter_bytes_are_exact(models):
+    assert fixed_params() + CFG.num_layers * block_bytes(False) // 2 == 18_882_046_784  # the release's count
+    bf16, fp8 = models[False], models[True]
+    assert bf16.dit_block == block_bytes(False) and fp8.dit_block == block_bytes(True)
+    assert bf16.dit_fixed == fp8.dit_fixed == 2 * fixed_params()
+    # umT5-XXL: embedding, 24 layers (two norms, q/k/v/o, own relative-position table, gated FFN), final norm
+    t5 = 256384 * 4096 + 24 * (2 * 4096 + 4 * 4096 * 4096 + 32 * 64 + 3 * 4096 * 10240) + 4096
+    assert bf16.text_encoder == 2 * t5 == 2 * 5_680_910_336
+    assert bf16.clip == 2 * 611_086_080  # ViT-H/14, 31 blocks used, float16
+    assert bf16.vae == 2 * 126_892_531  # bfloat16 on the fast path
+    assert bf16.audio_encoder % 4 == 0 and 90e6 < bf16.audio_encoder / 4 < 100e6  # wav2vec2-base in float32
+
+
+def _tokens(size: int) -> tuple[int, int, int]:
+    h, w = {480: (1088, 384), 720: (1920, 512)}[size]  # the largest bucket of each set (418k / 983k pixels)
+    return h, w, 21 * (h // 16) * (w // 16)
+
+
+def _phases(m: OffloadModels, plan, size: int) -> dict:
+    """Every phase's bytes from the plan's choices, by the documented model."""
+    h, w, n = _tokens(size)
+    s, b = 2, m.dit_block
+    streamed = plan.resident_blocks < CFG.num_layers
+    base = m.dit_fixed + plan.resident_blocks * b + (2 * b if streamed else 0)
+    if plan.encoders_resident:
+        base += m.clip + m.audio_encoder + m.vae
+    if plan.text_encoder == "resident":
+        base += m.text_encoder
+    per_call = 0 if plan.encoders_resident else 1
+    prompts = 2 if plan.passes == 3 else 1
+    cond = 0
+    if plan.cache_conditions != "none":
+        cond = prompts * CFG.num_layers * (257 + 512) * 2 * D * s + prompts * 21 * plan.speakers * 32 * OD * s
+    chunk = math.ceil(n / plan.ffn_chunks)
+    act = max(n * D * (6 * s + 8), n * D * (2 * s + 8) + chunk * (F * (2 * s + (1 if m.fp8 else 0)) + D * s))
+    act += n * 4 * 16 * 4 * 2 + (n * D * s if plan.speakers == 2 else 0)
+    out = 3 * 81 * h * w * 4
+    if plan.vae_tiling:
+        side = (32 + 12) * 8
+        vae = out + 5 * 96 * 6 * min(h, side) * min(w, side) * 2 + 192 * 21 * (h // 4) * (w // 4) * 2
+    else:
+        vae = out + 5 * 96 * 6 * h * w * 2
+    text = {"resident": 0, "gpu": m.text_encoder, "cpu": 0}[plan.text_encoder]
+    text_act = 0 if plan.text_encoder == "cpu" else 2 * 512 * (2 * 10240 + 4 * 4096) * s
+    return {
+        "text": base + text + text_act,
+        "audio": base + per_call * m.audio_encoder + int(m.audio_encoder * ENCODER_ACTIVATION_FRACTION),
+        "clip": base + per_call * m.clip + int(m.clip * ENCODER_ACTIVATION_FRACTION),
+        "sampling": base + cond + act,
+        "vae": base + per_call * m.vae + vae,
+    }
+
+
+BUDGETS = [4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 40, 48, 64, 80, 96, 120, 140]
+
+
+@pytest.mark.parametrize("size", [480, 720])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("speakers,passes", [(1, 3), (2, 2)])
+def test_plans_for_every_budget(models, size, fp8, speakers, passes):
+    m = models[fp8]
+    previous = None
+    floor = min_budget(m, size=size, speakers=speakers, passes=passes)
+    for gb in BUDGETS:
+        budget = gb * GiB
+        if budget < floor:
+            with pytest.raises(DeviceOutOfMemoryError, match=r"--vram \d"):
+                plan_offload(m, budget, size=size, speakers=speakers, passes=passes)
+            continue
+        plan = plan_offload(m, budget, size=size, speakers=speakers, passes=passes)
+        usable = budget - int(budget * RESERVE_FRACTION)
+        assert plan.tokens == _tokens(size)[2] and plan.block_bytes == block_bytes(fp8)
+        assert plan.phases == _phases(m, plan, size)
+        assert plan.vram_bytes <= usable
+        if 0 < plan.resident_blocks < CFG.num_layers or plan.resident_blocks == 0 and not plan.encoders_resident:
+            # one more resident block would not fit: the plan keeps as many as the budget allows
+            bigger = max(_phases(m, _with(plan, resident_blocks=plan.resident_blocks + 1), size).values())
+            assert bigger > usable or plan.resident_blocks == CFG.num_layers
+        if previous is not None:  # more memory never means more chunking, tiling or CPU work
+            order = ("cpu", "gpu", "resident")
+            assert order.index(plan.text_encoder) >= order.index(previous.text_encoder)
+            knobs = ("text_encoder", "ffn_chunks", "vae_tiling", "cache_conditions", "encoders_resident")
+            if all(getattr(plan, k) == getattr(previous, k) for k in knobs):
+                assert plan.resident_blocks >= previous.resident_blocks
+            assert plan.ffn_chunks <= previous.ffn_chunks
+            assert not (plan.vae_tiling and not previous.vae_tiling)
+        previous = plan
+        assert f"{plan.resident_blocks}/40 blocks resident" in plan.describe()
+    assert previous is not None and previous.encoders_resident and previous.resident_blocks == 40  # 140 GB
+
+
+def _with(plan, **changes):
+    import dataclasses
+
+    return dataclasses.replace(plan, **changes)
+
+
+@pytest.mark.parametrize("size,fp8,target", [(480, True, 6), (480, False, 8), (720, True, 12), (720, False, 16)])
+def test_issue_targets_have_a_plan(models, size, fp8, target):
+    for speakers in (1, 2):
+        plan = plan_offload(models[fp8], target * GiB, size=size, speakers=speakers, passes=2)
+        assert plan.streams and plan.vram_bytes <= target * GiB
+
+
+def test_host_memory_pinned_or_mapped(models):
+    m = models[False]
+    plan = plan_offload(m, 16 * GiB, size=480)
+    streamed = plan.streamed_blocks * m.dit_block
+    host_models = m.clip + m.audio_encoder + m.vae + (m.text_encoder if plan.text_encoder != "resident" else 0)
+    assert plan.host_store == "pinned" and plan.pinned_bytes == streamed
+    assert plan.host_bytes == streamed + host_models
+    # the issue's bound: host RAM at most the weights' size + 4 GB
+    assert plan.host_bytes <= m.total + 4 * GiB
+    enough = plan_offload(m, 16 * GiB, size=480, host_ram_bytes=streamed + host_models + HOST_MARGIN_BYTES)
+    assert enough.host_store == "pinned"
+    short = plan_offload(m, 16 * GiB, size=480, host_ram_bytes=streamed + host_models + HOST_MARGIN_BYTES - 1)
+    assert short.host_store == "mmap" and short.pinned_bytes == 0 and short.host_bytes == host_models
+    assert "memory-mapped file" in short.describe()
+
+
+def test_everything_resident_needs_no_streaming(models):
+    plan = plan_offload(models[True], 140 * GiB, size=720)
+    assert not plan.offloads and plan.host_store == "none" and plan.slot_bytes == 0
+
+
+def test_out_of_memory_sentence_names_a_budget(models):
+    with pytest.raises(DeviceOutOfMemoryError) as err:
+        plan_offload(models[False], 4 * GiB, size=720)
+    text = str(err.value)
+    assert text.count(".") >= 1 and "--vram" in text and "--fp8" in text and "--size 480" in text
+    plan = plan_offload(models[False], 24 * GiB, size=720)
+    assert "--vram 18" in plan.smaller_options() and "--fp8" in plan.smaller_options()
+
+
+def test_info_prints_the_plan(capsys):
+    from infinitetalk.cli import main
+
+    assert main(["info", "--vram", "8", "--size", "480", "--fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "VRAM plan for a budget of 8.00 GB at 480p" in out and "blocks resident" in out and "host RAM" in out
+    assert main(["info", "--vram", "6", "--size", "720"]) == 2
+    err = capsys.readouterr().err
+    assert "error: A 720p job needs at least" in err and "--vram" in err and "Traceback" not in err
