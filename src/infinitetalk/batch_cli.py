@@ -36,7 +36,7 @@ setting). Run the same command again after an interruption: finished outputs are
 unfinished jobs continue where they stopped (--overwrite makes everything again).
 """
 
-SKIP = {"help", "output", "resume", "quiet"}  # generate options the batch decides itself
+SKIP = {"help", "output", "resume", "restart", "quiet"}  # generate options the batch decides itself
 
 
 def add_batch_parser(sub, generate: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -78,7 +78,7 @@ def _defaults(args: argparse.Namespace):
     from .service.batch_files import apply_fields
 
     ns = argparse.Namespace(**vars(args))
-    ns.output, ns.resume = "", False
+    ns.output, ns.resume, ns.restart = "", False, False
     spec = job_spec(ns)
     for item in args.set_fields:
         key, sep, value = item.partition("=")

@@ -131,7 +131,7 @@ def plan_batch(jobs: JobList, service: JobService, overwrite: bool = False,
             plan.kept.append(JobOutcome(job.name, job.where, KEPT, output=str(output),
                                         message="the output is already there (--overwrite makes it again)"))
         else:
-            spec = job.spec.with_(resume=not overwrite)
+            spec = job.spec.with_(resume=not overwrite, restart=overwrite)
             try:
                 prepared = service.check(spec)
             except ResumeError as err:

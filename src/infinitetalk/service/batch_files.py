@@ -37,7 +37,7 @@ AUDIO_SUFFIXES = {".wav", ".mp3", ".m4a", ".flac", ".ogg", ".opus", ".aac"}
 LIST_SUFFIXES = (".csv", ".jsonl", ".json")
 
 # fields a job line may not set: the batch decides them
-RESERVED = {"resume", "runtime"}
+RESERVED = {"resume", "restart", "runtime"}
 SPEC_FIELDS = {f.name for f in fields(JobSpec)} - RESERVED - {"output"}
 RUNTIME_FIELDS = {f.name for f in fields(RuntimeOptions)} - {"loras", "files"}
 COMPONENTS = {"dit": "dit", "adapter": "adapter", "t5": "t5", "audio_encoder": "wav2vec2", "wav2vec2": "wav2vec2",
@@ -311,6 +311,9 @@ def _convert(key: str, value: Any, base: Path) -> Any:
 
         text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
         return parse_box(text, "speaker 1" if key == "bbox1" else "speaker 2")
+    if key == "vram":
+        return None if str(value).strip().lower() in ("none", "off") else (
+            "auto" if str(value).strip().lower() == "auto" else _number(key, value, float))
     if kind is bool:
         return _bool(key, value)
     if kind is int:
