@@ -157,8 +157,7 @@ class OffloadModels:
     @classmethod
     def tiny(cls, dtype: torch.dtype = torch.float32, fp8: bool = False) -> "OffloadModels":
         """The tiny random models (`runtime.tiny_models`), VAE and wav2vec2 in float32 as they are built."""
-        from ..weights.audio_loader import tiny_audio_encoder_config
-        from .tiny_models import TINY_LONGEST_SIDE, TinyConfigs
+        from .tiny_models import TINY_LONGEST_SIDE, TinyConfigs, tiny_audio_encoder_config
 
         cfgs = TinyConfigs.default()
         return cls.from_configs(
