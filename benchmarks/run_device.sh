@@ -149,5 +149,26 @@ case "$what" in
     python3 benchmarks/bench_offload.py --size "$size" --dtype "$dt" --budgets "$budgets" \
       --out "$OUT/offload_${size}_${dt}_${budgets//,/-}.json" 2>&1 | tee "$OUT/bench_offload_${size}_${dt}_${budgets//,/-}.log"
     ;;
+  v13ab) bash "$0" v13a; bash "$0" v13b ;;
+  v13dc) bash "$0" v13d; bash "$0" v13c ;;
+  v13a)  # GPU tests of the offloading; 480p fp8 under 6 GB (1 and 2 speakers, window, pinned vs pageable)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py 2>&1 | tail -15 | tee "$OUT/offload_gpu_tests_v13.log"
+    python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1,2 --reps 2 \
+      --out "$OUT/offload_480_fp8_v13.json" 2>&1 | grep -v -i "warn" | tail -5
+    ;;
+  v13b)  # 480p bf16 under 8 GB (one speaker, window)
+    python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 2 --no-pageable \
+      --out "$OUT/offload_480_bf16_v13.json" 2>&1 | grep -v -i "warn" | tail -5
+    ;;
+  v13c)  # 720p fp8 under 12 GB and bf16 under 16 GB: DiT forwards, one speaker
+    python3 benchmarks/bench_offload.py --size 720 --dtype fp8 --budgets 12 --speakers 1 --reps 2 --no-window --no-pageable \
+      --out "$OUT/offload_720_fp8_v13.json" 2>&1 | grep -v -i "warn" | tail -5
+    python3 benchmarks/bench_offload.py --size 720 --dtype bf16 --budgets 16 --speakers 1 --reps 2 --no-window --no-pageable \
+      --out "$OUT/offload_720_bf16_v13.json" 2>&1 | grep -v -i "warn" | tail -5
+    ;;
+  v13d)  # GGUF Q8_0 / Q4_K vs bf16; the parallel code path at world size 1 vs the plain path
+    python3 benchmarks/bench_gguf.py --dir /tmp/gguf --warmup 1 --reps 2 --out "$OUT/gguf_v13.json" 2>&1 | grep -v -i "warn" | tail -6
+    python3 benchmarks/bench_parallel.py --gpus 1 --steps 2 --repeat 4 --out "$OUT/parallel_w1_v13.json" 2>&1 | grep -v -i "warn" | tail -12
+    ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
