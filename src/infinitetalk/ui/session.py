@@ -128,10 +128,10 @@ class Page:
                 if preview is not None:
                     update.preview = str(preview)
                     shown_segments = view.segments
+            if update.progress is not KEEP or update.preview is not KEEP:
+                yield update  # also on the last round: a preview made just before the end is shown
             if ended:
                 break
-            if update.progress is not KEEP or update.preview is not KEEP:
-                yield update
         view = handle.snapshot()
         final = Update(progress=render.progress(view), job=None, interrupted=self.interrupted_choices())
         if view.state == FINISHED:
