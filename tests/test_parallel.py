@@ -305,3 +305,39 @@ def test_cli_gpus_starts_the_ranks_and_only_rank_0_writes(media_dir, tmp_path, c
     err = capfd.readouterr().err
     assert rc == 2 and "3 GPUs cannot share this job" in err and "Traceback" not in err
 
+
+
+@pytest.mark.slow
+def test_torchrun_style_ranks_under_a_vram_budget(media_dir, tmp_path):
+    """Two processes started as torchrun starts them (RANK / WORLD_SIZE / MASTER_* in the
+    environment, `python -m infinitetalk generate`), with a VRAM plan applied: only the first
+    rank checks the job (takes the output lock) and writes; the other rank, which loads no
+    encoders, runs under the same plan. Repeated, since a race between the ranks' checks would
+    show only sometimes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from test_e2e_tiny import probe_mp4
+
+    for attempt in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / f"torchrun_{attempt}.mp4"
+        cmd = [sys.executable, "-m", "infinitetalk", "generate", "--model", "tiny", "--device", "cpu", "--steps", "1",
+               "--max-seconds", "0.5", "--vram", "1", "--image", str(media_dir / "portrait.png"),
+               "--audio", str(media_dir / "speaker1.wav"), "--output", str(out)]
+        procs = []
+        for rank in range(2):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        results = [p.communicate(timeout=300) for p in procs]
+        for p, (_, err) in zip(procs, results):
+            assert p.returncode == 0, err[-3000:]
+        assert results[0][1].count("wrote ") == 1 and "wrote " not in results[1][1]
+        assert probe_mp4(out)["frames"].shape[0] == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torchrun_0.mp4", "torchrun_1.mp4"]

@@ -247,6 +247,20 @@ def test_cli_text_to_video_with_saved_speech(weights, tmp_path, media_dir):
     assert abs(info["audio_s"] - mix.shape[0] / rate) < 0.05
 
 
+@pytest.mark.slow
+def test_cli_text_with_two_ranks_synthesises_once(weights, tmp_path, media_dir):
+    """--text with --gpus 2 (two CPU ranks): the first rank checks the job and synthesises the
+    speech, the other receives the checked job; one video, one saved speech track."""
+    out, speech = tmp_path / "ranks.mp4", tmp_path / "ranks.wav"
+    done = _cli("generate", "--model", "tiny", "--gpus", "2", "--device", "cpu", "--image", str(media_dir / "portrait.png"),
+                "--text", "Hello there. Nice to meet you.", "--weights", str(weights), "--steps", "1",
+                "--max-seconds", "0.5", "--save-audio", str(speech), "--output", str(out))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("wrote ") == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "speech_cache") == ["ranks.mp4", "ranks.wav"]
+    assert read_wav(speech)[1] == 24000
+
+
 # ---- download through a local hub ---------------------------------------------------------
 
 

@@ -150,7 +150,10 @@ def offload_for(model: str, device: torch.device, dtype: torch.dtype, fp8: bool,
         return None  # everything fits: load straight onto the GPU
     return Offloader(plan, device)
 
-def tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant: str, fp8: bool = False) -> Components:
+def tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant: str, fp8: bool = False,
+                    encoders: bool = True) -> Components:
+    """The tiny random models; `encoders=False` (the other ranks of a parallel job) leaves out
+    umT5, CLIP and wav2vec2, as `official_components` does."""
     from ..runtime.tiny_models import build_tiny_models
 
     log.info("model 'tiny': every component has RANDOM weights; the video shows noise, not a face")
@@ -160,8 +163,8 @@ def tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant
 
         quantize_dit(tiny.dit)
     return Components(
-        tiny.dit, tiny.text_encoder, tiny.clip, tiny.vae, tiny.audio_encoder, name="tiny", variant=variant,
-        random=True, vae_chunk_latents=8,
+        tiny.dit, tiny.text_encoder if encoders else None, tiny.clip if encoders else None, tiny.vae,
+        tiny.audio_encoder if encoders else None, name="tiny", variant=variant, random=True, vae_chunk_latents=8,
     )
 
 def official_components(

@@ -212,12 +212,12 @@ class InfiniteTalk:
         loras = [(Path(p).expanduser(), float(scale)) for p, scale in loras]
         offload = offload_for(model, dev, dt, fp8, vram_budget, vram_size)
         place = torch.device("cpu") if offload is not None else dev
+        encoders = parallel is None or parallel.is_leader  # the other ranks get the encoders' results
         if model == "tiny":
             if loras:
                 raise InputError("LoRAs change the official 14B weights; the tiny random model takes none.")
-            components = tiny_components(seed, place, dt, variant, fp8)
+            components = tiny_components(seed, place, dt, variant, fp8, encoders)
         else:
-            encoders = parallel is None or parallel.is_leader
             components = official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, files,
                                                   place, encoders)
         components.runtime = runtime_settings(fp8, loras, fp8_attention, fast=use_fast)

@@ -419,12 +419,17 @@ class Offloader:
         if len(streamed):
             store = {"pinned": "pinned", "mmap": "mmap"}.get(plan.host_store, "plain")
             self.streamer = BlockStreamer(dit.blocks, self.device, streamed, store, self.spill_dir)
-        text_model = components.text_encoder.model
-        if plan.text_encoder == "resident":
+        # on the other ranks of a parallel job the encoders are not loaded (None): nothing to place
+        text_model = getattr(components.text_encoder, "model", None)
+        if text_model is None:
+            pass
+        elif plan.text_encoder == "resident":
             text_model.to(self.device)
         elif plan.text_encoder == "gpu":
             self._placers[id(text_model)] = ModulePlacer(text_model, self.device)
         for module in (components.clip, components.audio_encoder, components.vae):
+            if not isinstance(module, nn.Module):
+                continue
             if plan.encoders_resident:
                 module.to(self.device)
             else:

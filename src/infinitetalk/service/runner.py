@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -252,7 +252,35 @@ class JobService:
         """Validate and decode everything of `spec` without loading a model (typed errors):
         fields and ranges, paths (the output never an input), inputs, model choice, the job
         folder (lock, resume state verified, finished windows never discarded silently), and
-        the output folder's writability and free space (see `service.validate`)."""
+        the output folder's writability and free space (see `service.validate`).
+
+        When this process is one rank of a parallel job, the first rank checks (the output lock,
+        the job folder and speech synthesis happen once) and the others receive its result."""
+        ctx = self.parallel
+        if ctx is None or ctx.world == 1:
+            return self._check_here(spec)
+        outcome = None
+        if ctx.is_leader:
+            try:
+                outcome = ("ok", self._check_here(spec))
+            except InfiniteTalkError as err:
+                outcome = ("error", str(err))
+                ctx.broadcast_object(outcome)
+                raise
+            except Exception as err:
+                ctx.broadcast_object(("internal", f"{type(err).__name__}: {err}"))
+                raise
+        kind, value = ctx.broadcast_object(outcome)
+        if kind == "error":
+            raise InfiniteTalkError(value)
+        if kind == "internal":
+            raise RuntimeError(f"the first rank failed while checking the job: {value}")
+        if ctx.is_leader:
+            return value
+        local = str(resolve_device(spec.runtime.device))  # this rank's own GPU
+        return replace(value, model=replace(value.model, device=local))
+
+    def _check_here(self, spec: JobSpec) -> PreparedJob:
         from ..generation.inputs import prepare_inputs
         from ..generation.job_state import JobDir, OutputLock
         from ..generation.pipeline import InfiniteTalk
