@@ -151,6 +151,16 @@ case "$what" in
     ;;
   v13ab) bash "$0" v13a; bash "$0" v13b ;;
   v13dc) bash "$0" v13d; bash "$0" v13c ;;
+  v13x)  # offload GPU tests, the parallel path at world size 1, 480p fp8 under 6 GB
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py 2>&1 | tail -15 | tee "$OUT/offload_gpu_tests_v13.log"
+    python3 benchmarks/bench_parallel.py --gpus 1 --steps 2 --repeat 4 --out "$OUT/parallel_w1_v13.json" 2>&1 | grep -v -i "warn" | tail -6
+    python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1,2 --reps 2 \
+      --out "$OUT/offload_480_fp8_v13.json" 2>&1 | grep -v -i "warn" | tail -5
+    ;;
+  v13y)  # GGUF Q8_0 / Q4_K vs bf16; 480p bf16 under 8 GB
+    python3 benchmarks/bench_gguf.py --dir /tmp/gguf --warmup 1 --reps 2 --out "$OUT/gguf_v13.json" 2>&1 | grep -v -i "warn" | tail -6
+    bash "$0" v13b
+    ;;
   v13a)  # GPU tests of the offloading; 480p fp8 under 6 GB (1 and 2 speakers, window, pinned vs pageable)
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py 2>&1 | tail -15 | tee "$OUT/offload_gpu_tests_v13.log"
     python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1,2 --reps 2 \
