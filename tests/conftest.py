@@ -1,6 +1,7 @@
 """Shared test fixtures: where ../shared is, skipping cleanly when it is absent."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,20 @@ def parity_dir() -> Path:
 def media_dir() -> Path:
     """../shared/media (skips when absent)."""
     return _need("media")
+
+
+@pytest.fixture(scope="session")
+def tally(request):
+    """The fault suites' one session-wide `faults.Tally`; its combined totals are printed once at
+    the end (a fixture here, not in faults.py, so every test module shares the same instance)."""
+    from faults import Tally
+
+    t = Tally()
+    yield t
+    text = t.line() + "".join(f"\n  {f}" for f in t.failures[:20])
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        print("\n" + text, flush=True)
 
 
 @pytest.fixture(autouse=True)

@@ -4,11 +4,11 @@ in-process or as a subprocess, and the verdict of each case.
 Every case ends in one of: a clean error (exit 2, exactly one `error: ...` sentence, no
 traceback), an accepted input (checked and decoded correctly), or a correct video. Anything else
 is counted as a traceback. Inputs are hashed before and after each case (`Inputs`): a changed
-or missing input counts as a file lost. The session fixture `tally` prints the totals.
+or missing input counts as a file lost. The session fixture `tally` (tests/conftest.py: one `Tally`
+for the whole session) prints the combined totals once.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 
 from infinitetalk.cli import main
 
@@ -45,16 +44,6 @@ class Tally:
         return (f"[faults] cases tried {self.tried}, clean errors {self.clean_errors}, accepted inputs "
                 f"{self.accepted}, correct videos {self.videos}, tracebacks {self.tracebacks}, "
                 f"files lost {self.files_lost}")
-
-
-@pytest.fixture(scope="session")
-def tally(request):
-    t = Tally()
-    yield t
-    text = t.line() + "".join(f"\n  {f}" for f in t.failures[:20])
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-        print("\n" + text, flush=True)
 
 
 def sha(path: Path) -> str:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from faults import Inputs, png_header_only, run_cli, tally, verdict, write_audio, write_video, write_wav  # noqa: F401
+from faults import Inputs, png_header_only, run_cli, verdict, write_audio, write_video, write_wav
 from infinitetalk.generation.job_state import OutputLock
 from infinitetalk.service import JobService, JobSpec, RuntimeOptions
 
@@ -104,6 +104,7 @@ def _cases(b, d):
         "input_inside_job_folder": (_tiny("--image", img, "--audio", job / "inside.wav", "--output", d / "held.mp4"),
                                     "job folder"),
         "output_not_writable": (_tiny("--image", img, "--audio", wav, "--output", "/sys/talk.mp4"), "cannot be written"),
+        "output_in_proc": (_tiny("--image", img, "--audio", wav, "--output", "/proc/talk.mp4"), "cannot be written"),
         "output_parent_is_file": (_tiny("--image", img, "--audio", wav, "--output", img / "x.mp4"), "is a file"),
         # files
         "image_is_text": (_tiny("--image", d / "text.png", "--audio", wav, "--output", out), "not an image"),
@@ -149,6 +150,17 @@ def test_bad_requests_are_one_sentence(cases, base, tally):
             failures.append(str(exc))
     assert (d / "held.mp4.job" / "inside.wav").is_file()
     assert not failures, "\n".join(failures)
+
+
+def test_unwritable_folder_reason_names_the_cause(tmp_path):
+    """A folder that exists but takes no new files (/proc: ENOENT as root) is not 'no such file'."""
+    import errno
+
+    from infinitetalk.service.validate import _probe_reason
+
+    assert "does not accept new files" in _probe_reason(tmp_path, OSError(errno.ENOENT, "No such file or directory"))
+    assert "not writable" in _probe_reason(tmp_path, OSError(errno.EACCES, "Permission denied"))
+    assert "read-only" in _probe_reason(tmp_path, OSError(errno.EROFS, "Read-only file system"))
 
 
 def test_busy_output_is_refused(base, tmp_path, tally):
@@ -238,12 +250,26 @@ def test_exif_orientation_is_applied(base, tmp_path, tally):
         tally.accepted += 1
 
 
+# where the stored top-left white quarter of `write_video` is displayed: the display matrix
+# rotates counterclockwise by its angle (FFmpeg's -display_rotation, PyAV's VideoFrame.rotation)
+ROTATED_WHITE = {90: "bottom-left", -90: "top-right", 180: "bottom-right"}
+
+
+def _quadrant_means(ref: torch.Tensor) -> dict:
+    h, w = ref.shape
+    return {"top-left": float(ref[: h // 2, : w // 2].mean()), "top-right": float(ref[: h // 2, w // 2:].mean()),
+            "bottom-left": float(ref[h // 2:, : w // 2].mean()), "bottom-right": float(ref[h // 2:, w // 2:].mean())}
+
+
 def test_video_rotation_is_applied(base, tmp_path, tally):
-    for rotation in (90, -90, 180):
+    for rotation, white in ROTATED_WHITE.items():
         tally.tried += 1
         path = write_video(tmp_path / f"rot{rotation}.mp4", frames=4, size=(96, 64), rotation=rotation)
         prepared = _check(_spec(tmp_path, video=str(path), audio=str(base / "speech.wav")))
         assert prepared.inputs.src_hw == ((64, 96) if rotation == 180 else (96, 64)), prepared.inputs.src_hw
+        quadrants = _quadrant_means(prepared.inputs.reference[:, 0].mean(0))  # first frame, [H, W] in [-1, 1]
+        assert quadrants[white] > 0.5, f"rotation {rotation}: the white quarter is not {white}: {quadrants}"
+        assert all(v < 0 for k, v in quadrants.items() if k != white), f"rotation {rotation}: {quadrants}"
         tally.accepted += 1
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from faults import REPO, Inputs, run_cli, sha, tally, verdict, write_wav  # noqa: F401
+from faults import REPO, Inputs, run_cli, sha, verdict, write_wav
 from infinitetalk.errors import JobCancelledError
 from infinitetalk.progress import CancelToken, WindowFinished
 from infinitetalk.service import JobService, JobSpec, RuntimeOptions

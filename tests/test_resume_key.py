@@ -1,6 +1,7 @@
 """The resume key covers the whole job description: every JobSpec / RuntimeOptions field that
 changes the video changes the key, the cosmetic ones (output path, weights folder, resume flag,
-where the input files lie) do not.
+where the input files lie) do not. Model files (located components, LoRAs) enter by name and
+size, so another DiT file changes the key and a moved weights folder does not.
 
 The fields are read from the dataclasses, so a new field without a decision below fails the test.
 Keys come from `JobService.check` (inputs decoded, nothing loaded).
@@ -98,7 +99,7 @@ def files(media_dir, tmp_path_factory):
     (folder / "job.json").write_text(json.dumps({"prompt": "Someone else talks.", "cond_video": "portrait.png",
                                                  "cond_audio": {"person1": "a.wav"}}))
     shutil.copy(media_dir / "portrait.png", folder / "portrait.png")
-    (folder / "lora.safetensors").write_bytes(b"only its name and scale enter the key")
+    (folder / "lora.safetensors").write_bytes(b"its name, size and scale enter the key")
     audio = cut_wav(media_dir, folder, 1.0, "a.wav")
     weights = folder / "weights"  # the official layout with placeholder files: `check` only looks for them
     for variant in VARIANTS:
@@ -173,3 +174,34 @@ def test_input_files_enter_by_content_not_by_path(files):
     shutil.copy(files["audio"], copy)
     assert _key(base.with_(audio=str(copy))) == _key(base)
     assert _key(base.with_(image=str(files["folder"] / "portrait.png"))) == _key(base)
+
+
+def _spec_with_weights(files, weights) -> JobSpec:
+    base = _base(files, "14b")
+    return base.with_(runtime=base.runtime.with_(weights=str(weights)))
+
+
+def test_model_files_enter_by_name_and_size_not_by_folder(files, tmp_path):
+    base = _base(files, "14b")
+    moved = tmp_path / "moved" / "weights"
+    shutil.copytree(files["weights"], moved)
+    assert _key(_spec_with_weights(files, moved)) == _key(base)  # the same files elsewhere: same key
+
+    other = tmp_path / "other" / "weights"
+    shutil.copytree(files["weights"], other)
+    dit = WeightsLayout(other, "single").dit_dir / "diffusion_pytorch_model.safetensors"
+    dit.write_bytes(b"another DiT of another size")
+    assert _key(_spec_with_weights(files, other)) != _key(base)
+
+
+def test_lora_enters_by_name_and_size(files, tmp_path):
+    lora = tmp_path / files["@lora"].name  # the same name, other content and size
+    lora.write_bytes(b"another LoRA, the same file name")
+    base = _base(files, "14b")
+    with_lora = base.with_(runtime=base.runtime.with_(loras=((str(files["@lora"]), 0.5),)))
+    other_lora = base.with_(runtime=base.runtime.with_(loras=((str(lora), 0.5),)))
+    assert _key(other_lora) != _key(with_lora)
+    moved = tmp_path / "moved" / files["@lora"].name
+    moved.parent.mkdir()
+    shutil.copy(files["@lora"], moved)
+    assert _key(base.with_(runtime=base.runtime.with_(loras=((str(moved), 0.5),)))) == _key(with_lora)

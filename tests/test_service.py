@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from infinitetalk import progress as ev
-from infinitetalk.errors import JobCancelledError
+from infinitetalk.errors import DeviceOutOfMemoryError, JobCancelledError
 from infinitetalk.progress import CancelToken
 from infinitetalk.service import JobService, JobSpec, RuntimeOptions
 
@@ -110,3 +111,20 @@ def test_models_reused_while_settings_match_reloaded_when_they_change(service, j
     service.run(other)
     assert service.loads == before + 1
     assert [m.variant for m in service.loaded()] == ["multi"]  # max_models=1: the old one is dropped
+
+
+def test_out_of_memory_while_loading_is_a_sentence(job):
+    folder, spec = job
+
+    def loader(settings):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    service = JobService(loader=loader)
+    events: list = []
+    with pytest.raises(DeviceOutOfMemoryError, match="while loading the models") as err:
+        service.run(spec.with_(output=str(folder / "oom.mp4")), progress=events.append)
+    for option in ("--vram", "--fp8", "--size 480"):
+        assert option in str(err.value)
+    assert isinstance(events[-1], ev.JobFailed) and events[-1].error == "DeviceOutOfMemoryError"
+    assert service.loads == 0 and not service.loaded()
+    assert not (folder / "oom.mp4").exists() and not (folder / "oom.mp4.job").exists()

@@ -139,12 +139,12 @@ def _add_generate(sub) -> None:
     model.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     model.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
     model.add_argument("--fp8", action="store_true",
-                       help="DiT block layers in fp8 (half the weight memory, ~30%% faster on H100; needs a GPU "
-                            "with fp8 tensor cores for speed)")
+                       help="DiT block layers in fp8 (half the weight memory of those layers; faster on GPUs "
+                            "with fp8 tensor cores, timings in benchmarks/results)")
     model.add_argument("--fp8-attention", action="store_true",
                        help="DiT self-attention in fp8 through cuDNN (Hopper or newer, pip install "
-                            "'infinitetalk[fp8]'): another ~12%% faster per step, at twice the numeric error "
-                            "of --fp8 alone")
+                            "'infinitetalk[fp8]'): faster steps, less exact than --fp8 alone (timings and "
+                            "errors in benchmarks/results)")
     model.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                        help="merge a LoRA into the DiT at load (repeatable; scale default 1); works with --fp8")
     model.add_argument("--no-fast", dest="fast", action="store_false", default=None,
@@ -278,16 +278,19 @@ def job_spec(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .console import make_display
-    from .progress import CancelToken, JobStarted
+    from .progress import CancelToken, JobCancelled, JobStarted
     from .service import JobService
 
     spec = job_spec(args)
     display = None if args.quiet else make_display(sys.stderr)
     planned: list = []
+    cancelled: list = []
 
     def on_event(event) -> None:
         if isinstance(event, JobStarted):
             planned.append(event.windows)
+        if isinstance(event, JobCancelled):
+            cancelled.append(event)
         if display is not None:
             display(event)
 
@@ -315,7 +318,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (errors.JobCancelledError, KeyboardInterrupt):
         if display is not None:
             display.close()
-        print(_cancelled_message(spec.output, planned[-1] if planned else None, getattr(args, "argv", None)),
+        done = cancelled[-1].next_window if cancelled else None  # None: stopped at once (a second Ctrl-C)
+        print(_cancelled_message(spec.output, planned[-1] if planned else None, done, getattr(args, "argv", None)),
               file=sys.stderr)
         return 130
     finally:
@@ -359,19 +363,17 @@ def _resume_command(argv: Optional[list]) -> str:
     return shlex.join(["infinitetalk", *words])
 
 
-def _cancelled_message(output: str, windows: Optional[int], argv: Optional[list]) -> str:
-    """The one message after a cancel: what is kept and the exact command that continues."""
+def _cancelled_message(output: str, windows: Optional[int], done: Optional[int], argv: Optional[list]) -> str:
+    """The one message after a cancel: what is kept (`done`: the finished windows the JobCancelled
+    event reported, None when the job stopped without one) and the exact command that continues."""
     from .generation.job_state import JobDir
 
-    job = JobDir(Path(output).expanduser())
-    try:
-        state = job.load_state()
-    except InfiniteTalkError:
-        state = None
-    done = state.next_window if state is not None else 0
+    root = JobDir(Path(output).expanduser()).root
     of = f" of {windows}" if windows else ""
-    if done:
-        kept = f"{done}{of} window(s) are finished and kept in {job.root}"
+    if done is None:
+        kept = f"the finished windows, if any, are kept in {root}"
+    elif done:
+        kept = f"{done}{of} window(s) are finished and kept in {root}"
     else:
         kept = "no window was finished yet"
     return f"cancelled: {kept}; no video was written. To continue, run:\n  {_resume_command(argv)}"
@@ -394,7 +396,7 @@ def _parallel_world(args: argparse.Namespace, spec) -> int:
 
 
 def _loras(args: argparse.Namespace) -> list:
-    """--lora PATH[:SCALE] values as (path, scale); the service adds a preset's own LoRA."""
+    """--lora PATH[:SCALE] values as (path, scale); the service checks the files and adds a preset's own LoRA."""
     loras = []
     for value in args.lora:
         path, sep, scale = value.rpartition(":")
@@ -404,8 +406,6 @@ def _loras(args: argparse.Namespace) -> list:
             loras.append((str(Path(path).expanduser()), float(scale)))
         except ValueError:
             raise InputError(f"--lora {value}: the scale after ':' must be a number, e.g. --lora file.safetensors:0.8.")
-        if not Path(loras[-1][0]).is_file():
-            raise InputError(f"--lora {value}: the file {loras[-1][0]} does not exist.")
     return loras
 
 
@@ -439,7 +439,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .weights.hub import VARIANTS, WeightsLayout, default_weights_dir
 
     print(f"infinitetalk {__version__}")
     print(f"python {platform.python_version()} ({platform.system()} {platform.machine()})")
@@ -456,27 +455,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"device cuda:{i}: {prop.name}, {prop.total_memory / 2**30:.1f} GiB")
     else:
         print(f"device: cpu only ({torch.get_num_threads()} threads); no CUDA GPU found")
-    from .weights.locate import describe
+    from .weights.locate import describe, official_layout_lines
 
     files = _component_files(args, "single")
     print(f"components for {files.root} ({'complete' if not files.missing() else 'incomplete'}):")
     print("\n".join(describe(files)))
     if args.vram is not None:
         print(_vram_plan(args))
-    roots = [default_weights_dir()] + ([Path(args.weights).expanduser()] if args.weights else [])
-    for root in roots:
-        for variant in VARIANTS:
-            layout = WeightsLayout(root, variant)
-            try:
-                missing = layout.missing_files()
-            except InfiniteTalkError as err:
-                print(f"weights {variant:6s} in {root}: unreadable ({err})")
-                continue
-            if not missing:
-                print(f"weights {variant:6s} in {root}: complete")
-            else:
-                print(f"weights {variant:6s} in {root}: {len(missing)} file(s) missing, e.g. {missing[0]} "
-                      f"(infinitetalk download --variant {variant} --dir {root})")
+    for line in official_layout_lines(files):
+        print(line)
     return 0
 
 

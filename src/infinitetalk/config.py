@@ -99,9 +99,11 @@ class GenerationConfig:
         if self.mode not in MODES:
             raise InputError(f"mode must be 'clip' or 'streaming', got {self.mode!r}.")
         if self.frame_num < 5 or (self.frame_num - 1) % 4 != 0:
-            raise InputError(f"frame_num must be 4n+1 and at least 5 (81 is the official value), got {self.frame_num}.")
+            raise InputError(f"--frame-num (frame_num) must be 4n+1 and at least 5, e.g. 81 (the official value); "
+                             f"got {self.frame_num}.")
         if not 1 <= self.motion_frame < self.frame_num:
-            raise InputError(f"motion_frame must be between 1 and frame_num-1, got {self.motion_frame}.")
+            raise InputError(f"--motion-frame (motion_frame) must be between 1 and --frame-num minus 1 "
+                             f"({self.frame_num - 1} here), got {self.motion_frame}.")
         if self.sample_steps < 1:
             raise InputError(f"sample_steps must be at least 1, got {self.sample_steps}.")
         if self.shift is not None and not self.shift > 0:
@@ -146,12 +148,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "settings": {},
     },
     "teacache": {
-        "about": "Official defaults with TeaCache (threshold 0.2): skips some model evaluations, ~1.5-2x faster.",
+        "about": "Official defaults with TeaCache (threshold 0.2): skips model evaluations whose result barely changes (faster, slightly less exact).",
         "settings": {"use_teacache": True, "teacache_thresh": 0.2},
     },
     "fast": {
         "about": "lightx2v step-distillation LoRA merged at load: 4 steps, shift 2, text guidance 1, audio guidance 2 "
-                 "(two model passes per step, ~20x fewer model evaluations than the default). Works with fp8.",
+                 "(two model passes per step, far fewer model evaluations than the default). Works with fp8.",
         "settings": {"sample_steps": 4, "shift": 2.0, "text_guide_scale": 1.0, "audio_guide_scale": 2.0},
         "lora": {"repo": "Kijai/WanVideo_comfy",
                  "filename": "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"},

@@ -324,11 +324,13 @@ class JobDir:
             data = json.loads(self.settings_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise ResumeError(
-                f"The job settings {self.settings_file} cannot be read ({err}); run without --resume to start over."
+                f"The job settings {self.settings_file} cannot be read ({err}); run the same command with "
+                "--restart instead of --resume to start over."
             ) from err
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise ResumeError(
-                f"The job folder {self.root} was written by another version; run without --resume to start over."
+                f"The job folder {self.root} was written by another version; run the same command "
+                "with --restart instead of --resume to start over."
             )
         return data
 
@@ -348,8 +350,8 @@ class JobDir:
         what = ", ".join(names.get(k, k) for k in changed[:8]) or "the settings"
         return (
             f"Cannot resume: the unfinished job in {self.root} was made with other settings or input files "
-            f"(differences: {what}). Use exactly the same command and files to resume, or run without "
-            "--resume to start over."
+            f"(differences: {what}). Use exactly the same command and files to resume, or run with --restart "
+            "instead of --resume to discard its finished windows and start over."
         )
 
     def _clear_segments(self, first_stale: int) -> None:

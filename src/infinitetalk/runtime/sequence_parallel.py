@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import InputError
+from ..errors import InputError, InternalError
 from ..models.audio_adapter import speaker_positions
 from ..models.dit import DiTConditions, InfiniteTalkDiT
 
@@ -219,13 +219,13 @@ class SequenceParallelDiT:
     def _local_tokens(self, m, x, t, context, clip_fea, y, audio, ref_target_masks, conditions, block_cache):
         cfg = m.config
         if y is None:
-            raise InputError("y (mask + image-latent conditioning) is required.")
+            raise InternalError("y (mask + image-latent conditioning) is required.")
         if x.dim() != 5 or y.dim() != 5 or x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
-            raise InputError(f"x and y must be [B, C, T, H, W] with equal B, T, H, W; got {tuple(x.shape)} and {tuple(y.shape)}.")
+            raise InternalError(f"x and y must be [B, C, T, H, W] with equal B, T, H, W; got {tuple(x.shape)} and {tuple(y.shape)}.")
         batch, _, frames, height, width = x.shape
         pt, ph, pw = cfg.patch_size
         if frames % pt or height % ph or width % pw:
-            raise InputError(f"Latent size {frames}x{height}x{width} is not divisible by the patch size {cfg.patch_size}.")
+            raise InternalError(f"Latent size {frames}x{height}x{width} is not divisible by the patch size {cfg.patch_size}.")
         grid = self.grid_of(x.shape)
         f0, f1 = self.frame_range(grid[0])
         per_frame = grid[1] * grid[2]
@@ -235,18 +235,18 @@ class SequenceParallelDiT:
         tokens = m.patch_embedding(inp).flatten(2).transpose(1, 2).contiguous()
         t = torch.as_tensor(t, device=m.device).reshape(-1)
         if t.numel() not in (1, batch):
-            raise InputError(f"t must hold 1 or {batch} timesteps; got {t.numel()}.")
+            raise InternalError(f"t must hold 1 or {batch} timesteps; got {t.numel()}.")
         e, e0 = m._time_embedding(t)
 
         if conditions is None:
             if context is None or clip_fea is None or audio is None:
-                raise InputError("forward needs context, clip_fea and audio, or precomputed conditions.")
+                raise InternalError("forward needs context, clip_fea and audio, or precomputed conditions.")
             context_tokens = m._context_tokens(context, clip_fea, batch)
             audio_tokens, speakers = m._audio_tokens(audio, batch, grid[0])
             audio_tokens = audio_tokens[:, f0:f1]
         else:
             if conditions.batch != batch or conditions.frames != grid[0]:
-                raise InputError(
+                raise InternalError(
                     f"The precomputed conditions are for {conditions.batch} samples of {conditions.frames} latent "
                     f"frames; x has {batch} samples of {grid[0]}."
                 )
@@ -254,13 +254,13 @@ class SequenceParallelDiT:
         ref_masks = None
         if speakers == 2:
             if ref_target_masks is None:
-                raise InputError("Two speakers need ref_target_masks [3, H, W] (person 1, person 2, background).")
+                raise InternalError("Two speakers need ref_target_masks [3, H, W] (person 1, person 2, background).")
             ref_masks = m._token_masks(ref_target_masks, batch, grid[1], grid[2])
 
         if block_cache is not None and block_cache.reuse:
             residual = block_cache.residual
             if residual is None or residual.shape != tokens.shape:
-                raise InputError("TeaCache asked to reuse a residual that was never computed for this input shape.")
+                raise InternalError("TeaCache asked to reuse a residual that was never computed for this input shape.")
             return m.head(tokens + residual, e), grid
 
         before = tokens if block_cache is not None else None

@@ -8,9 +8,9 @@
 decodes and validates every input, builds the resume key from the whole job description
 (`resume_key`), and refuses a mismatching `resume` before any model loads. `run` then gets a
 pipeline (reused when the model settings match the last job's), generates, and maps failures
-to typed errors: out of GPU memory becomes `DeviceOutOfMemoryError` with a sentence, a cancel
-becomes `JobCancelledError` (finished windows kept, the job resumable). Exactly one of
-JobFinished / JobFailed / JobCancelled ends the event stream of a job.
+to typed errors: out of GPU memory (while loading or generating) becomes `DeviceOutOfMemoryError`
+with a sentence, a cancel becomes `JobCancelledError` (finished windows kept, the job resumable).
+Exactly one of JobFinished / JobFailed / JobCancelled ends the event stream of a job.
 """
 from __future__ import annotations
 
@@ -218,17 +218,46 @@ def component_files(settings: ModelSettings):
     return locate_components(settings.weights, settings.variant, dict(settings.files))
 
 
-def resume_key(inputs, cfg: GenerationConfig, model: ModelSettings) -> dict:
+def resume_key(inputs, cfg: GenerationConfig, model: ModelSettings, files=None) -> dict:
     """Everything that decides the video of a job, and nothing else (the output path, the
     weights folder's location, the progress display are not in it). Built in this one place;
-    `InfiniteTalk.generate` uses the same `job_settings` for jobs started from Python."""
+    `InfiniteTalk.generate` uses the same `job_settings` for jobs started from Python.
+
+    The model files enter by identity (`file_identity`: name and size, never their folder), so
+    another DiT (GGUF, fp8-scaled) or LoRA changes the key and a moved weights folder does not.
+    `files`: the located components when the caller has them (else located here)."""
     from ..generation.components import job_settings, runtime_settings
 
     runtime = runtime_settings(model.fp8, model.loras, model.fp8_attention, fast=model.fast)
-    if model.files:  # a file of another format (GGUF, fp8-scaled) gives another video
-        runtime["files"] = {component: Path(path).name for component, path in model.files}
+    runtime["loras"] = [[Path(path).name, _size(Path(path)), scale] for path, scale in model.loras]
+    if model.model != "tiny" and not _is_hub_id(model.weights):
+        from ..weights.locate import COMPONENTS
+
+        located = files if files is not None else component_files(model)
+        runtime["files"] = {comp: file_identity(located.path(comp)) for comp in COMPONENTS}
     return job_settings(inputs, cfg, model.model, model.variant, torch.device(model.device), model.torch_dtype,
                         runtime)
+
+
+def file_identity(path: Optional[Path]) -> Optional[list]:
+    """A cheap identity of a component's file: [name, size]; of an official folder the names and
+    sizes of its weight files; None when nothing was found. No folder path enters it."""
+    from ..weights.locate import WEIGHT_EXTENSIONS
+
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        return sorted([f.name, _size(f)] for f in path.iterdir()
+                      if f.is_file() and f.name.lower().endswith(WEIGHT_EXTENSIONS))
+    return [path.name, _size(path)]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 class JobService:
@@ -295,9 +324,10 @@ class JobService:
         cfg = resolve_config(spec)
         inputs = prepare_inputs(request, cfg)
         model = resolve_model(spec, request.speakers, cfg.size)
+        located = None
         if model.model != "tiny" and not _is_hub_id(model.weights):
-            component_files(model).require()  # missing weights: the list and the download command, now
-        key = resume_key(inputs, cfg, model)
+            located = component_files(model).require()  # missing weights: the list and the download command, now
+        key = resume_key(inputs, cfg, model, located)
         busy = OutputLock.holder(output)
         if busy:
             from ..errors import OutputBusyError
@@ -371,7 +401,15 @@ class JobService:
                 leader = self.parallel is None or self.parallel.is_leader  # the other ranks write nothing
                 with (OutputLock(job.output) if leader else contextlib.nullcontext()) as lock:
                     fresh = job.model not in self._pipes
-                    pipe = self.pipeline(job.model, tracker)
+                    try:
+                        pipe = self.pipeline(job.model, tracker)
+                    except OUT_OF_MEMORY as err:
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        raise DeviceOutOfMemoryError(
+                            "The GPU ran out of memory while loading the models; give a smaller VRAM budget with "
+                            "--vram GB (DiT blocks then stream from host memory), add --fp8, or use --size 480."
+                        ) from err
                     if fresh and getattr(pipe, "memory_plan", None) and pipe.memory_plan():
                         tracker.notice(pipe.memory_plan())
                     tracker.check_cancel()

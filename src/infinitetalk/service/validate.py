@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -129,11 +130,22 @@ def probe_writable(folder: Path) -> None:
     try:
         fd, name = tempfile.mkstemp(prefix=".infinitetalk-probe-", dir=folder)
     except OSError as err:
-        reason = storage_error(folder, err).args[0].split(": ", 1)[-1].split(";", 1)[0]
-        raise StorageError(f"The output folder {folder} cannot be written ({reason}); give an --output in a "
-                           "folder you can write to.") from None
+        raise StorageError(f"The output folder {folder} cannot be written: {_probe_reason(folder, err)}; give an "
+                           "--output in a folder you can write to.") from None
     os.close(fd)
     os.unlink(name)
+
+
+def _probe_reason(folder: Path, err: OSError) -> str:
+    """Why no file can be made in the existing `folder`, in words (not the bare OS message)."""
+    code = getattr(err, "errno", None)
+    if code in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL) and folder.is_dir():
+        return "it does not accept new files (a system folder such as /proc or /sys)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "it is not writable for this user (permission denied)"
+    if code == errno.EROFS:
+        return "it is on a read-only file system"
+    return storage_error(folder, err).args[0].split(": ", 1)[-1].split(";", 1)[0]
 
 
 def estimated_bytes(frames: int, target_hw: tuple[int, int], duration_s: float) -> int:
