@@ -148,6 +148,75 @@ def test_compiled_blocks_stream_without_graph_breaks():
     torch._dynamo.reset()
 
 
+def _gguf_dit(layers: int = 4) -> InfiniteTalkDiT:
+    """The tiny DiT with its block linears in GGUF blocks (Q4_K where the rows allow it, else Q8_0),
+    as a GGUF file loads it, plus a LoRA on one streamed layer: a side path and a weight delta."""
+    from infinitetalk.quant.gguf_linear import GGUFLinear
+    from infinitetalk.quant.gguf_quantize import BLOCK_VALUES, QUANTIZERS
+
+    model = _dit(layers)
+    for name, old in [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and is_dit_fp8_layer(n)]:
+        qtype = "Q4_K" if old.in_features % BLOCK_VALUES["Q4_K"] == 0 else "Q8_0"
+        layer = GGUFLinear(old.in_features, old.out_features, qtype, old.bias is not None)
+        layer.weight = QUANTIZERS[qtype](old.weight)
+        if old.bias is not None:
+            layer.bias.data.copy_(old.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    g = torch.Generator().manual_seed(5)
+    lora = model.blocks[layers - 1].self_attn.q
+    lora.add_delta(torch.randn(lora.shape, generator=g) * 0.01)
+    lora.add_lora(torch.randn(2, lora.in_features, generator=g) * 0.1, torch.randn(lora.out_features, 2, generator=g) * 0.1, 0.5)
+    return model
+
+
+def test_gguf_blocks_stream_as_stored_and_give_identical_outputs():
+    from infinitetalk.quant.gguf_linear import GGUFLinear
+    from infinitetalk.runtime.offload_plan import module_bytes
+
+    model = _gguf_dit(4)
+    inp = _inputs(model.config)
+    branches = ("cond", "drop_audio")
+    reference = _predict(model, inp, branches, "context")
+    lora = model.blocks[3].self_attn.q
+    assert "weight_delta" in lora._buffers and "weight_delta" not in model.state_dict()  # streams, not a checkpoint key
+    weights = {n: b.clone() for n, b in model.named_buffers()}
+    streamer = BlockStreamer(model.blocks, "cpu", [1, 2, 3], store="plain")
+    seen = []
+
+    def check(block, *_):
+        layers = [m for m in block.modules() if isinstance(m, GGUFLinear)]
+        assert layers and all(m.weight.dtype == torch.uint8 and _in_slots(m.weight, streamer) for m in layers)
+        if block is model.blocks[3]:
+            assert lora.weight_delta.dtype == torch.float32 and _in_slots(lora.weight_delta, streamer)
+        seen.append(block)
+
+    hooks = [model.blocks[i].register_forward_hook(check) for i in (1, 2, 3)]
+    _same(reference, _predict(model, inp, branches, "context"))
+    for hook in hooks:
+        hook.remove()
+    assert set(map(id, seen)) == {id(model.blocks[i]) for i in (1, 2, 3)}
+    # the host keeps the stored bytes (uint8 blocks, the float32 delta), far fewer than a float32 block
+    stored = sum(module_bytes(model.blocks[i]) for i in (1, 2, 3))
+    float32 = sum(module_bytes(b) for b in _dit(4).blocks[1:])
+    assert stored <= streamer.host_bytes <= stored + 256 * 64 * 3 and streamer.host_bytes < float32
+    streamer.detach()
+    assert all(torch.equal(b, weights[n]) for n, b in model.named_buffers())
+    _same(reference, _predict(model, inp, branches, "context"))
+
+
+def test_offload_plan_sized_from_the_loaded_gguf_dit():
+    from infinitetalk.generation.components import offload_for
+    from infinitetalk.runtime.offload_plan import module_bytes
+
+    plain, gguf = _dit(2), _gguf_dit(2)
+    before = offload_for("tiny", torch.device("cpu"), torch.float32, False, 8, 480)  # from the configs
+    after = offload_for("tiny", torch.device("cpu"), torch.float32, False, 8, 480, dit=gguf)
+    assert before.plan.block_bytes == max(module_bytes(b) for b in plain.blocks)
+    assert after.plan.block_bytes == max(module_bytes(b) for b in gguf.blocks) < before.plan.block_bytes
+    assert after.plan.dit_fixed == module_bytes(gguf) - sum(module_bytes(b) for b in gguf.blocks)
+
+
 def test_budget_resolution():
     assert resolve_budget(None, torch.device("cpu")) is None
     assert resolve_budget("auto", torch.device("cpu")) is None

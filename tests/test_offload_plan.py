@@ -192,6 +192,41 @@ def test_out_of_memory_sentence_names_a_budget(models):
     assert "--vram 18" in plan.smaller_options() and "--fp8" in plan.smaller_options()
 
 
+def _gguf_14b(qtype: str):
+    """The 14B DiT on the meta device as a GGUF file loads it: block linears keep `qtype` blocks."""
+    from infinitetalk.models.dit import InfiniteTalkDiT
+    from infinitetalk.quant.fp8 import is_dit_fp8_layer
+    from infinitetalk.quant.gguf_linear import replace_with_gguf
+
+    with torch.device("meta"):
+        dit = InfiniteTalkDiT(CFG)
+    layers = {n: qtype for n, m in dit.named_modules() if type(m) is torch.nn.Linear and is_dit_fp8_layer(n)}
+    replace_with_gguf(dit, layers)
+    return dit.to(torch.bfloat16)  # GGUFLinear keeps its uint8 blocks through the cast
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_plan_of_a_gguf_dit_uses_its_stored_block_bytes(models, qtype):
+    from infinitetalk.quant.gguf_dequant import GGML_BLOCKS
+
+    values, nbytes = GGML_BLOCKS[qtype]
+    norms = 6 * D + 2 * D + 2 * D + 3 * D + 2 * D
+    by_hand = sum(o * i // values * nbytes + 2 * o for o, i in _linears()) + 2 * norms  # blocks + bf16 biases, norms
+    bf16 = models[False]
+    gguf = bf16.with_dit(_gguf_14b(qtype))
+    assert gguf.dit_block == by_hand < bf16.dit_block and gguf.dit_fixed == bf16.dit_fixed
+    assert bf16.with_dit(_gguf_14b("BF16")) == bf16  # float types stay nn.Linear: the configs' numbers
+    print(f"{qtype}: block {gguf.dit_block / 2**20:.1f} MiB vs bf16 {bf16.dit_block / 2**20:.1f} MiB")
+    more = []
+    for gb in (8, 16, 24, 40):
+        a, b = plan_offload(bf16, gb * GiB, size=480), plan_offload(gguf, gb * GiB, size=480)
+        assert b.block_bytes == by_hand and b.phases == _phases(gguf, b, 480)
+        assert b.resident_blocks >= a.resident_blocks and b.vram_bytes <= gb * GiB
+        more.append(b.resident_blocks - a.resident_blocks)
+    assert max(more) > 0, more  # the smaller blocks leave room for more resident ones
+    assert min_budget(gguf, size=720) < min_budget(bf16, size=720)
+
+
 def test_info_prints_the_plan(capsys):
     from infinitetalk.cli import main
 

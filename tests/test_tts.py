@@ -168,6 +168,58 @@ def test_two_speakers_turn_by_turn_equal_add(weights, engine, tmp_path):
     assert s1.sample_rate == 16000 and abs(s1.num_samples - files.num_samples * 2 / 3) <= 1
 
 
+@pytest.mark.slow
+def test_long_script_is_written_turn_by_turn_with_flat_memory(weights, engine, tmp_path):
+    """A long two-speaker script (hundreds of two-word turns) through the real path (G2P, the
+    random-weights Kokoro, the WAV writer): every turn is on disk when the next one starts, and the
+    peak of the Python allocations (tracemalloc; numpy arrays included) of a 4N-turn script is
+    that of an N-turn one, far below what holding the extra turns' speech would take.
+
+    Peak RSS (psutil) is printed but not bounded: at this scale it moves by 13-40 MB between turns
+    whatever the length (glibc trimming the heap top after the decoder's 13 MB buffers; measured),
+    far more than the few MB of speech the comparison has to resolve."""
+    import tracemalloc
+
+    psutil = pytest.importorskip("psutil")
+    words = ("Hi there.", "Good day.", "Yes indeed.", "Well done.", "Not now.", "See you.")
+    process = psutil.Process()
+
+    def run(turns: int, name: str) -> tuple:
+        script = "\n".join(f"(s{1 + i % 2}) {words[i % len(words)]}" for i in range(turns))
+        folder = tmp_path / name
+        partial = folder / ".speaker1.wav.partial"
+        on_disk = [0] * turns
+        rss = [process.memory_info().rss, 0]
+        count = [0]
+
+        def each_turn(_event) -> None:  # one Notice per finished turn; allocates nothing that grows
+            on_disk[count[0]] = partial.stat().st_size
+            rss[1] = max(rss[1], process.memory_info().rss)
+            count[0] += 1
+
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            files = synthesize_request(SpeechRequest(script, "af_heart", "am_adam"), weights, folder,
+                                       engine=engine, progress=each_turn)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert count[0] == turns and len(files.turns) == turns and files.speakers == 2
+        for size, turn in zip(on_disk, files.turns):  # written as it went (less at most one write buffer)
+            assert size >= 44 + 2 * (turn.start + turn.samples) - 8192
+        return files.num_samples, peak, rss[1] - rss[0]
+
+    run(4, "warm")  # G2P, lexicon and allocator caches
+    n = 50
+    short, long = run(n, "short"), run(4 * n, "long")
+    extra_speech = 4 * (long[0] - short[0])  # float32 bytes of the 3N extra turns' speech (one track)
+    print(f"{n} turns: Python peak {short[1] / 1e3:.0f} kB, RSS growth {short[2] / 1e6:.1f} MB; {4 * n} turns: "
+          f"{long[1] / 1e3:.0f} kB, {long[2] / 1e6:.1f} MB; speech of the extra turns {extra_speech / 1e6:.1f} MB")
+    assert long[0] > 3.5 * short[0]
+    assert long[1] - short[1] <= 0.1 * extra_speech
+
+
 def test_text_is_split_at_line_breaks_then_sentences(engine):
     chunks = [text for text, _ in engine.chunks("Good morning.\n\nGood night. Sleep well!\nBye")]
     assert chunks == ["Good morning.", "Good night. Sleep well!", "Bye"]

@@ -133,10 +133,18 @@ class Components:
     parallel: Optional[object] = None  # runtime.parallel.ParallelContext when several ranks share the job
 
 
-def offload_for(model: str, device: torch.device, dtype: torch.dtype, fp8: bool, vram_budget, vram_size: int):
-    """The `runtime.offload.Offloader` for `vram_budget`, or None (every model resident on `device`)."""
+def offload_for(model: str, device: torch.device, dtype: torch.dtype, fp8: bool, vram_budget, vram_size: int,
+                dit: Optional[torch.nn.Module] = None):
+    """The `runtime.offload.Offloader` for `vram_budget`, or None (every model resident on `device`).
+
+    Called twice by `from_pretrained`. Before loading (`dit` None) the DiT is sized from its config
+    (`dtype` / fp8): None when everything fits on the GPU (load straight onto it), else an Offloader
+    whose plan only says "load on the host"; for the 14B model an estimate over the budget is no
+    error yet, as a GGUF / fp8-scaled file may hold a smaller DiT. With the loaded `dit` the plan is
+    made again from the bytes its blocks really hold: that plan runs (or raises DeviceOutOfMemoryError)."""
+    from ..errors import DeviceOutOfMemoryError
     from ..runtime.offload import Offloader, host_ram_available, resolve_budget
-    from ..runtime.offload_plan import OffloadModels, OffloadPlan, plan_offload
+    from ..runtime.offload_plan import OffloadModels, OffloadPlan, min_budget, plan_offload
 
     if isinstance(vram_budget, OffloadPlan):  # a plan made (or adjusted) by the caller
         return Offloader(vram_budget, device)
@@ -144,9 +152,17 @@ def offload_for(model: str, device: torch.device, dtype: torch.dtype, fp8: bool,
     if budget is None:
         return None
     models = OffloadModels.tiny(dtype, fp8) if model == "tiny" else OffloadModels.infinitetalk_14b(dtype, fp8)
+    if dit is not None:
+        models = models.with_dit(dit)
     # two speakers and three passes: the most memory a job of that size can need
-    plan = plan_offload(models, budget, size=vram_size, speakers=2, passes=3, host_ram_bytes=host_ram_available())
-    if not plan.offloads and device.type == "cuda":
+    plan_args = dict(size=vram_size, speakers=2, passes=3, host_ram_bytes=host_ram_available())
+    try:
+        plan = plan_offload(models, budget, **plan_args)
+    except DeviceOutOfMemoryError:
+        if dit is not None or model == "tiny":
+            raise
+        plan = plan_offload(models, max(budget, min_budget(models, size=vram_size, speakers=2, passes=3)), **plan_args)
+    if dit is None and not plan.offloads and device.type == "cuda":
         return None  # everything fits: load straight onto the GPU
     return Offloader(plan, device)
 

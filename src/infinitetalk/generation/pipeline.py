@@ -221,7 +221,8 @@ class InfiniteTalk:
             components = official_components(path_or_repo, dev, dt, variant, fp8, loras, use_fast, files,
                                                   place, encoders)
         components.runtime = runtime_settings(fp8, loras, fp8_attention, fast=use_fast)
-        if offload is not None:
+        if offload is not None:  # planned again from the loaded DiT's own bytes (GGUF blocks, fp8-scaled)
+            offload = offload_for(model, dev, dt, fp8, vram_budget, vram_size, dit=components.dit)
             offload.prepare_dit(components.dit)
         if use_fast:
             from ..runtime.fast import FastOptions, make_fast

@@ -3,7 +3,8 @@
 `GGUFLinear` holds the stored blocks (`weight`, a flat uint8 buffer) and the ggml type; each
 forward dequantises the weight with torch ops (`quant.gguf_dequant`) into the input dtype and
 runs `F.linear`, so a Q4_K weight takes 4.5 bits per value in memory and in transfers (block
-streaming under a VRAM budget moves the raw blocks). The bias stays a normal float parameter.
+streaming under a VRAM budget moves the raw blocks, and a LoRA `weight_delta`, both registered
+buffers). The bias stays a normal float parameter.
 
 LoRAs on top of a quantised weight (the blocks cannot be re-quantised without loss):
 * `add_lora(down, up, factor)`: a low-rank side path, y += factor * (x @ down^T) @ up^T;
@@ -46,7 +47,9 @@ class GGUFLinear(nn.Module):
         self.lora_down = nn.ParameterList()
         self.lora_up = nn.ParameterList()
         self.lora_factors: list[float] = []
-        self.weight_delta: Optional[torch.Tensor] = None
+        # a non-persistent buffer (None until `add_delta`): it moves and streams with the layer's block,
+        # and is no key of the checkpoint
+        self.register_buffer("weight_delta", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qtype: int | str) -> "GGUFLinear":
@@ -91,17 +94,18 @@ class GGUFLinear(nn.Module):
         return y
 
     def _apply(self, fn, recurse=True):
-        # a dtype cast of the model (model.to(torch.bfloat16)) must not touch the raw blocks
-        raw = self._buffers.pop("weight")
+        # a dtype cast of the model (model.to(torch.bfloat16)) must not touch the raw blocks, and the
+        # LoRA delta stays float32: both follow the device of `fn` only
+        raw, delta = self._buffers.pop("weight"), self._buffers.pop("weight_delta")
         try:
             super()._apply(fn, recurse)
         finally:
-            self._buffers["weight"] = raw
+            self._buffers["weight"], self._buffers["weight_delta"] = raw, delta
         moved = fn(raw)
         self._buffers["weight"] = moved if moved.dtype == torch.uint8 else raw.to(device=moved.device)
-        if self.weight_delta is not None:
-            delta = fn(self.weight_delta)
-            self.weight_delta = delta.to(device=delta.device, dtype=torch.float32)
+        if delta is not None:
+            moved = fn(delta)
+            self._buffers["weight_delta"] = moved.to(device=moved.device, dtype=torch.float32)
         return self
 
     def extra_repr(self) -> str:

@@ -31,6 +31,7 @@ from a memory-mapped file), plus the host copies of every model that is not GPU-
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -67,6 +68,8 @@ class OffloadModels:
     Build with `from_configs` (counted on the meta device in the dtypes the pipeline loads:
     DiT and umT5 in `dtype`, fp8 block linears as e4m3 + float32 scales, CLIP in float16 on a
     GPU, the VAE in bfloat16 on the fast path, wav2vec2 in float32).
+    Once the DiT is loaded, `with_dit(dit)` replaces its sizes by the bytes it really holds (a
+    GGUF Q4_K DiT is about a quarter of bf16).
     """
 
     dit_config: object
@@ -138,6 +141,16 @@ class OffloadModels:
             text_len=dit_config.text_len, fp8=fp8, longest_side=longest_side,
         )
 
+    def with_dit(self, dit: torch.nn.Module) -> "OffloadModels":
+        """These sizes with the DiT's bytes as `dit` holds them: a loaded (or meta) model whose layers
+        keep their storage, GGUF blocks (`GGUFLinear`, uint8), fp8-scaled or LoRA deltas, which the
+        configs alone size as `dtype` / fp8. `dit_block` is the largest block (the slots must hold
+        it; mixed GGUF files differ per block), `dit_fixed` everything outside the blocks."""
+        blocks = [module_bytes(block) for block in dit.blocks]
+        return dataclasses.replace(
+            self, dit_config=dit.config, dit_block=max(blocks, default=0), dit_fixed=module_bytes(dit) - sum(blocks),
+        )
+
     @classmethod
     def infinitetalk_14b(cls, dtype: torch.dtype = torch.bfloat16, fp8: bool = False) -> "OffloadModels":
         """The released models as the GPU pipeline loads them."""
@@ -168,7 +181,7 @@ class OffloadModels:
 
 def largest_bucket(size: int, longest_side: Optional[int] = None) -> tuple[int, int]:
     """(height, width) of the bucket with the most pixels in the `size` set: every job of that size fits."""
-    from ..media.frames import size_buckets
+    from ..media.buckets import size_buckets
 
     return max(size_buckets(size, longest_side).values(), key=lambda hw: (hw[0] * hw[1], hw))
 

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.image import CLIPVisionConfig, CLIPVisionEncoder
-from .materialize import LazyStateDict, materialize, open_weights
+from .materialize import LazyStateDict, container_of, materialize, open_weights
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def open_clip_weights(path: os.PathLike | str) -> LazyStateDict:
 
     if not Path(path).is_file():
         return open_weights([path], rename=_visual_only)  # the not-found error
-    if Path(path).name.lower().endswith(".pth"):  # the official file: read as it is
+    if container_of(path) == "torch":  # the official .pth (found by content): read as it is
         source = open_weights([path], rename=_visual_only)
     else:  # Kijai's visual-only file, ComfyUI's HF-named clip_vision_h, fp16 / fp8 (found by content)
         source = renamed(float_weights(open_component(path, "clip")), _visual_only)

@@ -22,12 +22,14 @@ from typing import Mapping, Optional
 from ..errors import InputError, MissingWeightsError
 from .formats import COMPONENTS, DESCRIPTIONS, OPTIONS, FileInfo, inspect_file
 from .hub import (
-    T5_TOKENIZER_DIR, WAN_DIR, WAN_REPO, WAV2VEC_DIR, WAV2VEC_REPO, WeightsLayout, default_weights_dir, download_command,
+    T5_TOKENIZER_DIR, VARIANTS, WAN_DIR, WAN_REPO, WAV2VEC_DIR, WAV2VEC_REPO, WeightsLayout, default_weights_dir,
+    download_command,
 )
 
 log = logging.getLogger(__name__)
 
-WEIGHT_EXTENSIONS = (".safetensors", ".gguf", ".pth", ".pt", ".bin", ".ckpt")
+WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".pth", ".pt", ".bin", ".ckpt")
+"""Files looked at in the ComfyUI folders (each one is then identified by its content)."""
 COMFY_DIRS = {
     "dit": ("diffusion_models", "unet"),
     "adapter": ("model_patches", "diffusion_models", "unet"),
@@ -98,7 +100,7 @@ class ComponentFiles:
         if not missing:
             return []
         root = self.root or default_weights_dir()
-        if not _looks_comfy(root):
+        if not looks_comfy(root):
             return [download_command(root, self.variant)]
         return [_comfy_command(root, comp) for comp in missing]
 
@@ -108,7 +110,7 @@ class ComponentFiles:
         if not missing:
             return self
         root = self.root or default_weights_dir()
-        if not _looks_comfy(root) and "override" not in self.origin.values():
+        if not looks_comfy(root) and "override" not in self.origin.values():
             from .hub import locate_weights
 
             locate_weights(root, self.variant)  # the official layout's message: every missing file + the command
@@ -147,7 +149,8 @@ class ComponentFiles:
         return dataclasses.replace(self, **changes) if changes else self
 
 
-def _looks_comfy(root: Path) -> bool:
+def looks_comfy(root: Path) -> bool:
+    """True when `root` (or `root/models`) has any of the ComfyUI model folders."""
     return any((base / d).is_dir() for base in _comfy_bases(root) for dirs in COMFY_DIRS.values() for d in dirs)
 
 
@@ -311,4 +314,28 @@ def describe(files: ComponentFiles) -> list[str]:
     if commands:
         lines.append("  fetch the missing parts with:")
         lines += [f"    {c}" for c in commands]
+    return lines
+
+
+def official_layout_lines(files: ComponentFiles) -> list[str]:
+    """Lines for `infinitetalk info`: the official layout of the checked folder per variant, only
+    where that layout is what is missing; none for a ComfyUI folder or when every component was
+    found (`describe` already names the download for the missing parts only)."""
+    from ..errors import InfiniteTalkError
+
+    root = files.root
+    if root is None or not files.missing() or looks_comfy(root):
+        return []
+    lines = []
+    for variant in VARIANTS:
+        try:
+            missing = WeightsLayout(root, variant).missing_files()
+        except InfiniteTalkError as err:
+            lines.append(f"weights {variant:6s} in {root}: unreadable ({err})")
+            continue
+        if not missing:
+            lines.append(f"weights {variant:6s} in {root}: complete")
+        else:
+            lines.append(f"weights {variant:6s} in {root}: {len(missing)} file(s) missing, e.g. {missing[0]} "
+                         f"({download_command(root, variant)})")
     return lines

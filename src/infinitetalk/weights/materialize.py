@@ -16,8 +16,9 @@ from torch import nn
 from ..devices import resolve_device
 from ..errors import CheckpointError, MissingWeightsError
 
-SAFETENSORS_EXT = (".safetensors",)
+SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".pth", ".pt", ".bin", ".ckpt")
+"""Usual names only (for listing folders); the container is read from the content (`container_of`)."""
 FLOAT8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name)
 )
@@ -84,13 +85,36 @@ class LazyStateDict:
             yield key, self[key]
 
 
+GGUF_MAGIC = b"GGUF"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container (the default since torch 1.6)
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+
+
+def container_of(path: os.PathLike | str) -> Optional[str]:
+    """The container of a weight file from its first bytes, never its name: 'safetensors' (an
+    8-byte little-endian header length, then the JSON header's '{'), 'torch' (torch.save's zip or
+    legacy pickle, protocol 2-5), 'gguf' (the GGUF magic), or None (none of these, or unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return None
+    if head[:4] == GGUF_MAGIC:
+        return "gguf"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
+        return "safetensors"
+    if head[:4] == ZIP_MAGIC or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"
+    return None
+
+
 def _open_one(path: Path):
     if not path.exists():
         raise MissingWeightsError(f"Weight file not found: {path}.", missing=[str(path)])
     if path.stat().st_size == 0:
         raise CheckpointError(f"Weight file {path} is empty; download it again.")
-    name = path.name.lower()
-    if name.endswith(SAFETENSORS_EXT):
+    container = container_of(path)
+    if container == "safetensors":
         from safetensors import safe_open
 
         try:
@@ -100,7 +124,7 @@ def _open_one(path: Path):
                 f"{path} is not a readable safetensors file ({exc}); it is damaged or incomplete. "
                 "Download it again."
             ) from exc
-    if name.endswith(PICKLE_EXT):
+    if container == "torch":
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
@@ -115,8 +139,14 @@ def _open_one(path: Path):
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} does not hold a state dict (found {type(data).__name__}).")
         return data
+    if container == "gguf":
+        raise CheckpointError(
+            f"{path} is a GGUF file, which is read as a DiT, adapter or umT5 file only (--dit, --adapter, --t5), "
+            "not as this model's checkpoint."
+        )
     raise CheckpointError(
-        f"{path} has an unknown weight format; expected .safetensors or .pth/.pt/.bin."
+        f"{path} is not a weight file infinitetalk can read: its content is neither safetensors, a PyTorch "
+        "checkpoint nor GGUF (whatever its name says), so it is damaged or another kind of file."
     )
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import MissingWeightsError
 from ..models.vae import WanVAE, WanVAEConfig
-from .materialize import LazyStateDict, materialize, open_weights
+from .materialize import LazyStateDict, container_of, materialize, open_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def load_vae(
             f"or pass the path of {VAE_FILENAME}.",
             missing=[str(file)],
         )
-    if file.name.lower().endswith(".pth"):
+    if container_of(file) == "torch":  # the official Wan2.1_VAE.pth (found by content)
         source = open_weights([file])
     else:  # Kijai / ComfyUI single files (bf16 / fp16, optional `model.` prefix), found by content
         from .formats import float_weights, open_component

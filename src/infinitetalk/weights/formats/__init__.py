@@ -119,7 +119,7 @@ def _inspect_gguf(path: Path) -> FileInfo:
 
 
 def _inspect_single(path: Path) -> FileInfo:
-    from ..materialize import open_weights
+    from ..materialize import container_of, open_weights
     from .single_file import _Header
 
     raw = open_weights([path])
@@ -141,5 +141,5 @@ def _inspect_single(path: Path) -> FileInfo:
     else:
         main = max(sizes, key=sizes.get) if sizes else torch.float32
         quant = _DTYPE_NAMES.get(main, str(main).replace("torch.", ""))
-    container = "safetensors" if path.name.lower().endswith(".safetensors") else "pickle"
+    container = "safetensors" if container_of(path) == "safetensors" else "pickle"
     return FileInfo(path, detected, container, quant, bits)

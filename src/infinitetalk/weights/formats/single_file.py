@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ...errors import CheckpointError
-from ..materialize import FLOAT8_DTYPES, LazyStateDict, open_weights
+from ..materialize import FLOAT8_DTYPES, LazyStateDict, container_of, open_weights
 from .detect import Detected, classify, wrong_component_message
 from .name_maps import HF_T5_DUPLICATES, HF_T5_RULES, hf_clip_entries, rename_by_rules
 from .sources import Entry, MappedSource
@@ -51,7 +51,7 @@ class _Header:
         self.raw = raw
         self.metadata: dict = {}
         self._handle = None
-        if path.name.lower().endswith(".safetensors"):
+        if container_of(path) == "safetensors":  # by content, whatever the name
             from safetensors import safe_open
 
             self._handle = safe_open(str(path), framework="pt", device="cpu")
