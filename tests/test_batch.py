@@ -5,17 +5,22 @@ Jobs are short (0.4 s of speech, 5-frame windows, 1 step) so that real runs take
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
 import shutil
+import signal
 from pathlib import Path
 
 import av
 import pytest
 
-from infinitetalk.cli import main
+from infinitetalk.cli import build_parser, main
 from infinitetalk.errors import InputError
+from infinitetalk.generation.job_state import JobDir
+from infinitetalk.progress import CancelToken, StepFinished, WindowFinished
 from infinitetalk.service import JobService, JobSpec, RuntimeOptions
-from infinitetalk.service.batch import BAD, DONE, BatchObserver, plan_batch, run_batch
+from infinitetalk.service.batch import BAD, CANCELLED, DONE, FAILED, BatchObserver, plan_batch, run_batch
 from infinitetalk.service.batch_files import read_jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +190,96 @@ def test_example_csv_plans(tmp_path):
     assert not plan.problems and len(plan.jobs) >= 2
     assert all(p.spec.output.startswith(str(tmp_path)) for p in plan.jobs)
     assert plan.kept == [] and plan.groups == 1
+
+
+def cli_defaults(folder: Path) -> JobSpec:
+    """The defaults `infinitetalk batch FOLDER *SHORT` gives every job (so a later CLI run matches)."""
+    from infinitetalk.batch_cli import _defaults
+
+    return _defaults(build_parser().parse_args(["batch", str(folder), *SHORT]))
+
+
+def test_interrupted_batch_continues_where_it_stopped(job_folder, capsys):
+    for name in ("bob.jpg", "bob.wav"):
+        (job_folder / name).unlink()  # two good jobs: anna, then cleo
+    token = CancelToken()
+
+    class StopAfterFirstWindowOfCleo(BatchObserver):
+        def job_event(self, planned, event, status):
+            if planned.job.name == "cleo" and isinstance(event, WindowFinished) and event.index == 0:
+                token.cancel()  # as Ctrl-C does: the job stops at its next step, window 1 kept
+
+    service = JobService()
+    plan = plan_batch(read_jobs(job_folder, cli_defaults(job_folder)), service)
+    windows = {p.job.name: p.windows for p in plan.jobs}
+    assert windows["cleo"] >= 3
+    report = run_batch(plan, service, StopAfterFirstWindowOfCleo(), cancel=token)
+    assert report.interrupted and report.loads == 1
+    assert [(o.name, o.status) for o in report.outcomes] == [("anna", DONE), ("cleo", CANCELLED)]
+    out = job_folder / "outputs"
+    assert (out / "anna.mp4").is_file() and not (out / "cleo.mp4").exists()
+    assert JobDir(out / "cleo.mp4").load_state().next_window == 1
+    stamp = (out / "anna.mp4").stat().st_mtime_ns
+
+    # the same batch again (as a person would run it): anna is kept, cleo continues at window 2
+    rc = main(["batch", str(job_folder), *SHORT])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "1 job(s) to make, 1 already made, 0 bad; 1 model setting(s) to load" in err
+    assert f"[1/1] cleo: resuming at window 2/{windows['cleo']} (" in err, err
+    assert "models loaded: 1;" in err
+    assert (out / "anna.mp4").stat().st_mtime_ns == stamp
+    check_mp4(out / "cleo.mp4")
+    assert not JobDir(out / "cleo.mp4").exists()
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """Files written by this process may not grow past `limit` bytes (writes fail with EFBIG, as
+    on a full disk); the default answer to SIGXFSZ (ending the process) is turned off meanwhile."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_job_failing_while_generating_is_reported_and_the_batch_goes_on(job_folder):
+    for name in ("bob.jpg", "bob.wav"):
+        (job_folder / name).unlink()
+    service = JobService()
+    plan = plan_batch(read_jobs(job_folder, tiny_defaults()), service)
+    assert [p.job.name for p in plan.jobs] == ["anna", "cleo"] and not plan.problems  # both pass the checks
+    steps: dict[str, int] = {}
+    stack = contextlib.ExitStack()
+
+    class DiskFillsDuringAnna(BatchObserver):
+        """anna's writes hit a file-size limit (the disk "fills" while it runs); cleo's do not."""
+
+        def job_started(self, index, planned, status):
+            if planned.job.name == "anna":
+                stack.enter_context(_file_size_limit(16 * 1024))
+
+        def job_event(self, planned, event, status):
+            if isinstance(event, StepFinished):
+                steps[planned.job.name] = steps.get(planned.job.name, 0) + 1
+
+        def job_finished(self, outcome, status):
+            stack.close()
+
+    try:
+        report = run_batch(plan, service, DiskFillsDuringAnna())
+    finally:
+        stack.close()
+    outcomes = {o.name: o for o in report.outcomes}
+    assert outcomes["anna"].status == FAILED and outcomes["cleo"].status == DONE, report.outcomes
+    assert steps.get("anna", 0) >= 1, "anna failed while generating, after its first sampling step"
+    message = outcomes["anna"].message
+    assert message.startswith("Writing ") and "--resume" in message and "\n" not in message, message
+    assert not report.ok and not report.interrupted and report.loads == 1
+    out = job_folder / "outputs"
+    assert not (out / "anna.mp4").exists()
+    check_mp4(out / "cleo.mp4")

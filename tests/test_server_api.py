@@ -24,20 +24,31 @@ from server_support import TINY, WINDOWS, Server, ended, record, short_wav, smal
 KEY = "test-key-" + "x" * 24
 
 
+# upload limits of the test server (small, so that files over them stay under the 1 MiB byte limit)
+MAX_AUDIO_SECONDS, MAX_IMAGE_PIXELS, MAX_VIDEO_FRAMES = 3, 200 * 200, 30
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, media_dir):
     root = tmp_path_factory.mktemp("api")
     allowed = root / "allowed"
     allowed.mkdir()
+    weights = root / "weights"  # empty: Kokoro-82M is put there by the speech-from-text test
+    weights.mkdir()
     media = {"image": small_image(root, media_dir), "audio": short_wav(root, media_dir, 1.0),
              "tiny_audio": short_wav(root, media_dir, 0.2)}
     (allowed / "face.png").write_bytes(media["image"].read_bytes())
     (allowed / "speech.wav").write_bytes(media["tiny_audio"].read_bytes())
     keys = root / "keys.txt"
     keys.write_text(f"# test key\n{KEY}\n")
-    server = Server(root / "data", "--api-key-file", str(keys), "--max-upload-mb", "1", "--allow-dir", str(allowed),
-                    key=KEY).start()
-    yield {"server": server, "root": root, "allowed": allowed, "base": tmp_path_factory.getbasetemp(), **media}
+    with pytest.MonkeyPatch.context() as mp:  # the server process keeps its synthesised speech in the tmp dir
+        mp.setenv("INFINITETALK_SPEECH_CACHE", str(root / "speech_cache"))
+        server = Server(root / "data", "--api-key-file", str(keys), "--max-upload-mb", "1", "--allow-dir",
+                        str(allowed), "--weights", str(weights), "--max-audio-seconds", str(MAX_AUDIO_SECONDS),
+                        "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-video-frames", str(MAX_VIDEO_FRAMES),
+                        key=KEY).start()
+    yield {"server": server, "root": root, "allowed": allowed, "weights": weights, "media_dir": media_dir,
+           "base": tmp_path_factory.getbasetemp(), **media}
     server.stop()
 
 
@@ -293,3 +304,195 @@ def test_status_requests_per_second(env):
     rps = total / 2.0
     record(env["base"], "status_rps_idle_4_clients", round(rps, 1))
     assert rps > 20
+
+
+def _tiny_video(path, frames: int):
+    """An MP4 of `frames` 64x64 frames (a few KB)."""
+    import numpy as np
+
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("mpeg4", rate=25)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), (i * 5) % 255, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    return path
+
+
+def test_uploads_over_the_limits_give_413_and_store_nothing(env):
+    from PIL import Image
+
+    root = env["root"]
+    long_wav = short_wav(root, env["media_dir"], MAX_AUDIO_SECONDS + 1.0)
+    big_png = root / "big.png"
+    Image.new("RGB", (250, 250), (90, 120, 150)).save(big_png)  # 62500 pixels, a few hundred bytes
+    long_mp4 = _tiny_video(root / "long.mp4", MAX_VIDEO_FRAMES + 10)
+    ok_mp4 = _tiny_video(root / "ok.mp4", MAX_VIDEO_FRAMES - 10)
+    for path in (long_wav, big_png, long_mp4):
+        assert path.stat().st_size < 2**20, "under the byte limit: the other limit must refuse it"
+    before = stored(env)
+    png, wav = env["image"].read_bytes(), env["tiny_audio"].read_bytes()
+    with env["server"].client() as c:
+        def post(**files):
+            return c.post("/v1/jobs", files={k: (f"{k}.bin", v, "application/octet-stream") for k, v in files.items()},
+                          data={"settings": json.dumps(TINY)})
+
+        b = problem(post(image=png, audio=long_wav.read_bytes()), 413)
+        assert f"at most {MAX_AUDIO_SECONDS} s" in b["detail"], b
+        b = problem(post(image=big_png.read_bytes(), audio=wav), 413)
+        assert "62500 pixels" in b["detail"] and str(MAX_IMAGE_PIXELS) in b["detail"], b
+        b = problem(post(video=long_mp4.read_bytes(), audio=wav), 413)
+        assert f"has {MAX_VIDEO_FRAMES + 10} frames" in b["detail"] and f"at most {MAX_VIDEO_FRAMES}" in b["detail"], b
+        b = problem(post(audio=wav, audio2=long_wav.read_bytes(), image=png), 413)  # the second speaker too
+        assert "audio2" in b["detail"], b
+        assert stored(env) == before, "a refused upload left something behind"
+        # under the limits the same kinds of files pass the upload checks (the video then runs as a job)
+        answer = post(video=ok_mp4.read_bytes(), audio=wav)
+        assert answer.status_code == 201, answer.text
+        wait_for(c, answer.json()["id"], ended)
+
+
+class _Hook(BaseHTTPRequestHandler):
+    calls: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.calls.append((dict(self.headers.items()), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_webhook_of_a_cancelled_job(env):
+    from standardwebhooks.webhooks import Webhook
+
+    _Hook.calls = []
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+        with env["server"].client() as c:
+            job = submit(c, env["image"], env["audio"], WINDOWS, webhook_url=url)  # 6 windows
+            wait_for(c, job["id"], lambda j: j["state"] == "running" and j["progress"]["stage"] == "sample" or ended(j))
+            assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+            assert wait_for(c, job["id"], ended, timeout=120)["state"] == "cancelled"
+            deadline = time.monotonic() + 60
+            while not _Hook.calls:
+                assert time.monotonic() < deadline, "no webhook call in 60 s"
+                time.sleep(0.1)
+            deadline = time.monotonic() + 10
+            while True:  # the attempt is recorded just after the answer
+                log = c.get(f"/v1/jobs/{job['id']}/webhooks").json()["deliveries"]
+                if log and log[0]["state"] == "delivered" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+    finally:
+        receiver.shutdown()
+    assert len(_Hook.calls) == 1
+    headers, body = _Hook.calls[0]
+    secret = (env["server"].data / "webhook_secret").read_text().strip()
+    Webhook(secret).verify(body, {k.lower(): v for k, v in headers.items()})
+    payload = json.loads(body)
+    assert payload["type"] == "job.cancelled" and payload["data"]["id"] == job["id"]
+    assert payload["data"]["state"] == "cancelled"
+    assert len(log) == 1 and log[0]["event"] == "job.cancelled" and log[0]["state"] == "delivered", log
+
+
+def test_settings_speech_from_text_and_vram(tmp_path):
+    from infinitetalk.server.config import ServerConfig
+    from infinitetalk.server.security import Problem
+    from infinitetalk.server.submit import build_spec
+
+    cfg = ServerConfig(data=tmp_path, model="tiny")
+    image = {"image": tmp_path / "in" / "image.png"}
+    spec = build_spec({"text": "(s1) Hi. (s2) Hello.", "voice": "af_heart", "voice2": "am_adam", "lang": "a",
+                       "speed": 1.1, "vram": 12}, image, tmp_path, cfg)
+    assert spec["text"] == "(s1) Hi. (s2) Hello." and spec["voice2"] == "am_adam" and spec["speed"] == 1.1
+    assert "audio" not in spec and spec["runtime"] == {"model": "tiny", "vram": 12.0}
+    assert build_spec({"text": "Hi.", "runtime": {"vram": "none"}}, image, tmp_path, cfg)["runtime"]["vram"] is None
+    assert build_spec({"text": "Hi.", "vram": "auto"}, image, tmp_path, cfg)["runtime"]["vram"] == "auto"
+    for settings, words in (({"text": "Hi.", "vram": "lots"}, "vram must be a positive number of GB"),
+                            ({"text": "Hi.", "vram": -1}, "vram must be a positive number of GB"),
+                            ({"text": "Hi.", "voice": "../../etc/passwd"}, "voice must be a voice name"),
+                            ({"text": "Hi.", "voice2": "/tmp/v.pt"}, "voice2 must be a voice name"),
+                            ({"text_file": "/etc/passwd"}, "not as a file name"),
+                            ({"text": "Hi.", "save_audio": "/tmp/x.wav"}, "decided by the server"),
+                            ({"text": "Hi.", "restart": True}, "decided by the server"),
+                            ({"text": 3}, "text must be text"),
+                            ({}, "or the words to speak as the setting text")):
+        with pytest.raises(Problem) as info:
+            build_spec(settings, image, tmp_path, cfg)
+        assert info.value.status == 422 and words in info.value.detail, (settings, info.value.detail)
+    with pytest.raises(Problem, match="either as audio or as text"):
+        build_spec({"text": "Hi."}, {**image, "audio": tmp_path / "in" / "audio.wav"}, tmp_path, cfg)
+
+
+def test_text_job_without_audio(env):
+    s = env["server"]
+    script = "(s1) Hello there. (s2) Hi."
+    png = env["image"].read_bytes()
+    with s.client() as c:
+        def post(settings):
+            return c.post("/v1/jobs", files={"image": ("face.png", png, "image/png")},
+                          data={"settings": json.dumps({**TINY, **settings})})
+
+        # no Kokoro-82M in the server's weights folder: refused at once with the missing-weights sentence
+        before = stored(env)
+        answer = post({"text": script})
+        assert answer.status_code == 422 and answer.headers["content-type"].startswith("application/problem+json")
+        detail = answer.json()["detail"]
+        assert detail.startswith("Text-to-speech weights (Kokoro-82M) not found in " + str(env["weights"])), detail
+        assert f"infinitetalk download --tts --dir {env['weights']}" in detail and "\n" not in detail
+        assert "Traceback" not in answer.text and stored(env) == before
+
+        pytest.importorskip("kokoro", reason="the optional 'tts' extra (kokoro) is not installed")
+        from test_tts import make_tts_weights
+
+        make_tts_weights(env["weights"])  # random Kokoro weights (noise), laid out as the download leaves them
+        answer = post({"text": script, "voice": "af_heart", "voice2": "am_adam", "speed": 1.0})
+        assert answer.status_code == 201, answer.text
+        job = answer.json()
+        assert job["settings"]["text"] == script and "audio" not in job["settings"]
+        done = wait_for(c, job["id"], ended)
+        assert done["state"] == "succeeded", done
+        video = c.get(done["result"]["url"])
+    path = env["root"] / "text.mp4"
+    path.write_bytes(video.content)
+    with av.open(str(path)) as mp4:
+        assert mp4.streams.audio and sum(1 for _ in mp4.decode(video=0)) == done["result"]["frames"] == 5
+
+
+def test_worker_keeps_the_loaded_model_key_after_a_cancelled_job(tmp_path, media_dir):
+    """In-process: a worker whose first job is cancelled after its model loaded schedules by that model."""
+    import shutil as sh
+
+    from infinitetalk.server.config import ServerConfig
+    from infinitetalk.server.metrics import Metrics
+    from infinitetalk.server.store import open_store
+    from infinitetalk.server.submit import build_spec, check_job
+    from infinitetalk.server.worker import Worker
+
+    cfg = ServerConfig(data=tmp_path / "data", model="tiny", heartbeat_timeout=0.8)
+    cfg.jobs_dir.mkdir(parents=True)
+    store = open_store(cfg.db_url())
+    worker = Worker(store, cfg, "cpu", Metrics(store, ("cpu",)), threading.Condition())
+    folder = cfg.jobs_dir / ("job_" + "a" * 22)
+    (folder / "inputs").mkdir(parents=True)
+    files = {"image": folder / "inputs" / "image.png", "audio": folder / "inputs" / "audio.wav"}
+    sh.copy(small_image(tmp_path, media_dir), files["image"])
+    sh.copy(short_wav(tmp_path, media_dir, 1.0), files["audio"])
+    spec = build_spec(dict(WINDOWS), files, folder, cfg)
+    key = check_job(spec, folder, cfg)
+    store.insert(folder.name, spec, key, None)
+    job = store.claim(worker.id, None, cfg.model_wait)
+    assert job is not None and worker.loaded_key is None
+    store.request_cancel(job.id)  # the heartbeat sees it while the job runs: cancelled at the next step
+    worker._run(job)  # noqa: SLF001 - the worker's loop body, on this thread
+    assert store.get(job.id).state == "cancelled"
+    assert worker.service.loads == 1 and worker.loaded_key == key, "the model stays loaded: schedule by it"

@@ -4,10 +4,23 @@ with SIGKILL, the other re-queues it when its heartbeat stops and finishes it fr
 finished window."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("psycopg")
+REQUIRED = os.environ.get("INFINITETALK_REQUIRE_POSTGRES") == "1"  # set by .ci/run: fail, not skip
+
+
+def _missing(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason} (INFINITETALK_REQUIRE_POSTGRES=1)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+for _module in ("fastapi", "psycopg"):
+    if importlib.util.find_spec(_module) is None:
+        _missing(f"{_module} is not installed (pip install -e '.[dev]')")
 
 import av  # noqa: E402
 
@@ -18,7 +31,7 @@ from server_support import (TINY, WINDOWS, Postgres, Server, ended, pg_bin, reco
 @pytest.fixture(scope="module")
 def pg():
     if pg_bin() is None:
-        pytest.skip("the PostgreSQL server binaries (initdb, pg_ctl) are not installed; .ci/run installs them")
+        _missing("the PostgreSQL server binaries (initdb, pg_ctl) are not installed; .ci/run installs them")
     cluster = Postgres().start()
     yield cluster
     cluster.stop()

@@ -278,6 +278,18 @@ def test_weights_download_fails_with_its_sentence(page):
         time.sleep(0.3)
     assert text.startswith("error: Could not download Wan-AI/Wan2.1-I2V-14B-480P from the Hugging Face hub"), text
     assert "Check the internet connection" in text
+    # the preset LoRAs have their own buttons, with the same progress and error display
+    assert "LoRA of the fast preset: missing" in panel.inner_text()
+    page.click("#it-download-lora-fast")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        text = page.locator("#it-download-box").inner_text()
+        if text.startswith("error:") and "lightx2v" in text:
+            break
+        time.sleep(0.3)
+    assert text.startswith("error: Could not download Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors "
+                           "from Kijai/WanVideo_comfy"), text
+    assert page.locator("#it-download-lora-fusionx").is_visible()
 
 
 def test_two_speakers_boxes_by_clicking_the_picture(page):

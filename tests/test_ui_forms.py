@@ -79,9 +79,25 @@ def test_upload_limits(tmp_path):
     with pytest.raises(InputError, match=r"speech\.wav lasts 6\.0 s; this page accepts speech up to 3 s"):
         F.check_upload(str(SPEECH), "speech of speaker 1", short, audio=True)
     small = UiOptions(max_upload_mb=0.01, output_dir=str(tmp_path))
-    with pytest.raises(InputError, match=r"portrait\.jpg is 0\.0 MB; this page accepts uploads up to 0\.01 MB"):
+    with pytest.raises(InputError, match=r"portrait\.jpg is 43\.5 KB; this page accepts uploads up to 0\.01 MB"):
         F.check_upload(str(PORTRAIT), "image", small)
     F.check_upload(str(SPEECH), "speech", UiOptions(output_dir=str(tmp_path)), audio=True)  # within the defaults
+    assert F.size_text(3 * 2**20 + 2**19) == "3.50 MB" and F.size_text(512) == "0.5 KB"
+
+
+def test_video_to_dub_duration_limit(tmp_path, media_dir):
+    clip = media_dir / "talking_458px_25fps.mp4"
+    seconds, frames = F.video_length(clip)
+    assert seconds and seconds > 1 and frames and abs(frames - seconds * 25) <= 2
+    short = UiOptions(max_video_seconds=1, output_dir=str(tmp_path))
+    with pytest.raises(InputError, match=rf"The video to dub {clip.name} lasts {seconds:.1f} s \({frames} frames\); "
+                                         r"this page accepts videos up to 1 s \(start it with --max-video-seconds"):
+        F.check_upload(str(clip), "video to dub", short, video=True)
+    folder = new_job_folder(short.jobs_dir, clip.stem)
+    with pytest.raises(InputError, match="--max-video-seconds"):
+        F.build_spec(F.Form(task=F.TASK_VIDEO, video=str(clip), audio1=str(SPEECH)), folder, short)
+    F.check_upload(str(clip), "video to dub", UiOptions(output_dir=str(tmp_path)), video=True)  # the default: 600 s
+    assert F.video_length(SPEECH) == (None, None)  # no video stream: the service's checks say what is wrong
 
 
 def test_box_clicks_make_two_boxes_and_drawing():
@@ -176,3 +192,84 @@ def test_cli_ui_subcommand_parses_and_refuses_bad_options(capsys):
         ("tiny", 7999, False, 5 * 2**20, 30)
     assert main(["ui", "--port", "70000", "--no-browser"]) == 2
     assert capsys.readouterr().err.strip() == "error: --port must be between 1 and 65535, got 70000."
+
+
+def test_vram_budget_field_reaches_the_service(options, tmp_path, capsys):
+    from infinitetalk.cli import build_parser, main
+    from infinitetalk.ui.options import options_from_args
+    from infinitetalk.ui.session import Page
+
+    folder = new_job_folder(options.jobs_dir, "portrait")
+    base = dict(image=str(PORTRAIT), audio1=str(SPEECH), steps=1, max_seconds=1)
+    for given, expected in (("auto", "auto"), ("", "auto"), ("none", None), (" 12 ", 12.0), ("7.5", 7.5)):
+        spec, shown = F.build_spec(F.Form(**base, vram=given), folder, options)
+        assert spec.runtime.vram == expected, given
+        assert shown["vram"] == ("none" if expected is None else str(expected))
+    assert JobService().check(spec).model.vram == 7.5  # the budget is part of the loaded model's settings
+
+    # a bad value: the service's own sentence on the page, and no job folder left behind
+    class NoWorker:
+        service = JobService()
+
+    page = Page(options, worker=NoWorker())  # type: ignore[arg-type]
+    for bad in ("lots", "-2"):
+        spec, _ = F.build_spec(F.Form(**base, vram=bad), new_job_folder(tmp_path / "direct", "p"), options)
+        with pytest.raises(InputError, match="VRAM budget") as info:  # the service refuses it ...
+            JobService().check(spec)
+        updates = list(page.generate(F.Form(**base, vram=bad), []))
+        assert updates[-1].status == render.error_status(str(info.value)), updates[-1].status  # ... the page says so
+    assert [p.name for p in options.jobs_dir.iterdir()] == [folder.id]
+
+    # `infinitetalk ui --vram`: the field's starting value, checked at start
+    assert options_from_args(build_parser().parse_args(["ui", "--vram", "12"])).vram == "12"
+    assert options_from_args(build_parser().parse_args(["ui"])).vram == "auto"
+    assert UiOptions(vram="None", output_dir=str(tmp_path)).vram == "none"
+    assert main(["ui", "--vram", "lots", "--no-browser"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: --vram must be auto, none or a positive number of GB, got 'lots'."
+
+
+def test_speech_from_text_in_the_form(options, tmp_path, monkeypatch):
+    folder = new_job_folder(options.jobs_dir, "portrait")
+    script = "(s1) Hello there. (s2) Hi, how are you?"
+    form = F.Form(image=str(PORTRAIT), audio1=str(SPEECH), speakers=F.TWO_PARA, box_mode=F.BOXES_DRAWN,
+                  box1="10,20,300,340", box2="330,20,630,340", text=f"  {script}\n", voice="af_heart",
+                  voice2="am_adam", speed=1.2, steps=1)
+    spec, shown = F.build_spec(form, folder, options)
+    assert (spec.text, spec.voice, spec.voice2, spec.speed) == (script, "af_heart", "am_adam", 1.2)
+    assert spec.audio is None and spec.audio2 is None and spec.audio_type is None  # the uploads are not used
+    assert spec.bbox1 == (10, 20, 300, 340)
+    assert shown["speech"] == "text, voice af_heart / am_adam, speed 1.2"
+    assert F.title_of(form) == "portrait.jpg + text"
+    # no speech upload needed with text; without either, one sentence
+    spec, _ = F.build_spec(F.Form(image=str(PORTRAIT), text="Hello.", voice="", speed=1), folder, options)
+    assert spec.text == "Hello." and spec.voice == F.DEFAULT_VOICE and spec.audio is None
+    with pytest.raises(InputError, match="Upload the speech of speaker 1, or write the words to speak"):
+        F.build_spec(F.Form(image=str(PORTRAIT), text="   "), folder, options)
+
+    # the service synthesises it (Kokoro with random weights, when the tts extra is installed)
+    pytest.importorskip("kokoro", reason="the optional 'tts' extra (kokoro) is not installed")
+    from test_tts import make_tts_weights
+
+    from infinitetalk.errors import MissingWeightsError
+
+    empty = UiOptions(model="tiny", output_dir=str(tmp_path / "jobs2"), weights=str(tmp_path / "none"))
+    spec, _ = F.build_spec(F.Form(image=str(PORTRAIT), text=script, steps=1), new_job_folder(empty.jobs_dir, "p"), empty)
+    with pytest.raises(MissingWeightsError, match="Kokoro-82M"):
+        JobService().check(spec)
+    weights = make_tts_weights(tmp_path / "weights")
+    ready = UiOptions(model="tiny", output_dir=str(tmp_path / "jobs3"), weights=str(weights))
+    monkeypatch.setenv("INFINITETALK_SPEECH_CACHE", str(tmp_path / "speech_cache"))
+    spec, _ = F.build_spec(F.Form(image=str(PORTRAIT), text=script, steps=1, max_seconds=0.4),
+                           new_job_folder(ready.jobs_dir, "p"), ready)
+    prepared = JobService().check(spec)
+    assert prepared.model.variant == "multi" and prepared.plan.total_frames == 10  # (s2): two speakers
+
+
+def test_weights_panel_offers_the_preset_loras(tmp_path):
+    from infinitetalk.ui.weights_panel import Downloader, download_steps, lora_presets
+
+    assert lora_presets() == ("fast", "fusionx")
+    assert download_steps("fast") == 1 and download_steps("single") == 4
+    with pytest.raises(InputError, match="Nothing to download called 'colour'"):
+        Downloader().start(tmp_path, "colour")

@@ -113,6 +113,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+def finished_windows(planned) -> int:
+    """Windows a job continues from: the saved state of its unfinished OUTPUT.job/ (0 for a new job)."""
+    from pathlib import Path
+
+    from .errors import InfiniteTalkError
+    from .generation.job_state import JobDir
+
+    if not planned.spec.resume:
+        return 0
+    try:
+        state = JobDir(Path(planned.spec.output)).load_state()
+    except InfiniteTalkError:
+        return 0
+    return state.next_window if state is not None else 0
+
+
 def clock(seconds: Optional[float]) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "--:--"
@@ -168,12 +184,20 @@ class BatchDisplay:
         if self.quiet:
             return
         head = f"[{index + 1}/{self._total}] {planned.job.name}"
+        done = finished_windows(planned)
+        if not done:
+            verb = "started"
+        elif done < planned.windows:
+            verb = f"resuming at window {done + 1}/{planned.windows}"
+        else:
+            verb = f"resuming: all {planned.windows} windows are made, the video is assembled"
         if self._progress is not None:
             if self._job_task is not None:
                 self._progress.remove_task(self._job_task)
-            self._job_task = self._progress.add_task(head, total=planned.work, info="")
+            self._job_task = self._progress.add_task(head, total=planned.work, completed=done * planned.steps,
+                                                     info="" if not done else verb)
         else:
-            self.console.print(f"{head}: started ({planned.windows} window(s) of {planned.steps} steps, "
+            self.console.print(f"{head}: {verb} ({planned.windows} window(s) of {planned.steps} steps, "
                                f"{planned.frames} frames; {planned.job.where})", soft_wrap=True)
 
     def job_event(self, planned, event, status) -> None:

@@ -178,6 +178,15 @@ class Worker:
             elif answer:
                 token.cancel()
 
+    def _loaded_after(self, job: JobRecord, model) -> Optional[str]:
+        """The model key of what the service holds after `job`, whatever its outcome: the job's
+        own once its pipeline is loaded (also when it then failed or was cancelled), nothing when
+        a load failed and dropped the old pipeline, else the key of the pipeline kept from before."""
+        loaded = self.service.loaded()
+        if model is not None and model in loaded:
+            return job.model_key
+        return self.loaded_key if loaded else None
+
     def _run(self, job: JobRecord) -> None:
         token = CancelToken()
         self._token, self.current = token, job.id
@@ -187,12 +196,14 @@ class Worker:
         beat.start()
         loads = self.service.loads
         outcome = "failed"
+        model = None  # the job's model settings, once checked
         try:
             spec = job_spec(job, self.config, self.device)
             log.info("worker %s runs job %s (attempt %d)", self.id, job.id, job.attempts)
+            prepared = self.service.check(spec)
+            model = prepared.model
             result = self.service.run(spec, progress=Reporter(self.store, job.id, self.id, self.metrics),
-                                      cancel=token)
-            self.loaded_key = job.model_key
+                                      cancel=token, prepared=prepared)
             outcome = "succeeded"
             self.store.finish(job.id, self.id, "succeeded", frames=result.frames, duration_s=result.duration_s)
         except JobCancelledError as err:
@@ -214,6 +225,7 @@ class Worker:
             done.set()
             beat.join(5.0)
             self._token, self.current = None, None
+            self.loaded_key = self._loaded_after(job, model)
             if self.service.loads > loads:
                 self.metrics.model_loads.inc(self.service.loads - loads)
             if outcome in ("succeeded", "failed", "cancelled"):

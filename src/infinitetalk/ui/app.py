@@ -13,6 +13,7 @@ from . import forms as F
 from . import render
 from .options import UiOptions
 from .session import KEEP, Page, Update, internal_error
+from .weights_panel import lora_presets
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ CSS = """
 """
 
 INTRO = """# InfiniteTalk
-Talking videos of any length from a portrait (or a video to dub) and speech. Each window of 81 frames appears
+Talking videos of any length from a portrait (or a video to dub) and speech (or text). Each window of 81 frames appears
 below as soon as it is made; a cancelled or interrupted job can be resumed from the list."""
 
 
@@ -61,6 +62,16 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
                                       sources=["upload"])
                     audio2 = gr.Audio(type="filepath", label="Speech of speaker 2", elem_id="it-audio2",
                                       sources=["upload"], visible=False)
+                    with gr.Accordion("Or speech from text (Kokoro voices)", open=False):
+                        text = gr.Textbox(label="Words to speak (used instead of the uploads when given; "
+                                                "(s1) ... (s2) ... turns make two speakers)", lines=3,
+                                          placeholder="(s1) Hello, how are you? (s2) Fine, thanks.", elem_id="it-text")
+                        with gr.Row():
+                            voice = gr.Dropdown(list(F.VOICES), value=F.DEFAULT_VOICE, allow_custom_value=True,
+                                                label="Voice of speaker 1", elem_id="it-voice")
+                            voice2 = gr.Dropdown(list(F.VOICES), value=F.DEFAULT_VOICE2, allow_custom_value=True,
+                                                 label="Voice of speaker 2", elem_id="it-voice2")
+                            speed = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Speed", elem_id="it-speed")
                     with gr.Group(visible=False) as box_group:
                         box_mode = gr.Radio(list(F.BOX_MODES), value=F.BOXES_AUTO, label="Where the speakers are",
                                             elem_id="it-box-mode")
@@ -88,7 +99,11 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
                         shift = gr.Slider(0.5, 20, value=quality["shift"], step=0.5, label="Shift", elem_id="it-shift")
                         colour = gr.Slider(0, 1, value=1.0, step=0.05, label="Colour correction",
                                            elem_id="it-colour")
-                    teacache = gr.Checkbox(False, label="TeaCache (skip some model evaluations)", elem_id="it-teacache")
+                    with gr.Row():
+                        teacache = gr.Checkbox(False, label="TeaCache (skip some model evaluations)",
+                                               elem_id="it-teacache")
+                        vram = gr.Dropdown(list(F.VRAM_CHOICES), value=options.vram, allow_custom_value=True,
+                                           label="VRAM budget: auto, none (all on the GPU) or GB", elem_id="it-vram")
                 with gr.Accordion("Advanced", open=False):
                     negative = gr.Textbox(DEFAULT_NEGATIVE_PROMPT, label="Negative prompt", lines=3,
                                           elem_id="it-negative")
@@ -134,6 +149,10 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
                     with gr.Row():
                         dl_single = gr.Button("Download (one speaker)", size="sm", elem_id="it-download-single")
                         dl_multi = gr.Button("Download (two speakers)", size="sm", elem_id="it-download-multi")
+                    with gr.Row():
+                        dl_loras = {name: gr.Button(f"Download the {name} LoRA", size="sm",
+                                                    elem_id=f"it-download-lora-{name}")
+                                    for name in lora_presets()}
                     download_html = gr.HTML("", elem_id="it-download-box")
 
         # ---- form behaviour ------------------------------------------------------------
@@ -190,12 +209,13 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
 
         form_inputs = [task, image, video, speakers, audio1, audio2, box_mode, box1, box2, prompt, negative, size,
                        preset, steps, seed, shift, text_scale, audio_scale, teacache, colour, length, max_seconds,
-                       frame_num, motion_frame]
+                       frame_num, motion_frame, text, voice, voice2, speed, vram]
+        assert len(form_inputs) == len(F.FIELDS), "one component per Form field, in the Form's order"
 
         def on_generate(*values):
             *fields, current_history = values
             try:
-                form = F.Form(*fields)
+                form = F.Form(**dict(zip(F.FIELDS, fields)))
                 for update in page.generate(form, current_history):
                     yield to_outputs(update, current_history)
             except Exception as err:  # noqa: BLE001 - never a traceback on the page
@@ -230,6 +250,8 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
 
         dl_single.click(downloader("single"), None, [download_html, weights_html])
         dl_multi.click(downloader("multi"), None, [download_html, weights_html])
+        for name, button in dl_loras.items():
+            button.click(downloader(name), None, [download_html, weights_html])
     return demo, page
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,6 +46,13 @@ PRESET_NAMES = {QUALITY: "default", FAST: "fast", FUSIONX: "fusionx"}  # page na
 
 STREAMING, CLIP = "streaming (the whole speech)", "clip (one window)"
 RANDOM_SEED = -1
+
+# Kokoro-82M voices offered in the page (any other name in WEIGHTS/Kokoro-82M/voices may be typed)
+VOICES = ("af_heart", "af_bella", "af_nicole", "af_sarah", "am_adam", "am_michael", "am_fenrir", "bf_emma",
+          "bf_isabella", "bm_george", "bm_lewis")
+DEFAULT_VOICE, DEFAULT_VOICE2 = "af_heart", "am_adam"
+VRAM_CHOICES = ("auto", "none")
+SECOND_SPEAKER = re.compile(r"\(\s*s\s*2\s*\)", re.IGNORECASE)  # a (s2) turn: two speakers (see media.tts)
 BOX_COLOURS = ("#ff3b30", "#0a84ff")
 
 
@@ -72,8 +81,17 @@ def preset_about(preset: str) -> str:
 # ---- uploads ---------------------------------------------------------------------------------
 
 
-def check_upload(path: Optional[str], what: str, options: UiOptions, audio: bool = False) -> None:
-    """Refuse an upload over the size limit, or speech over the duration limit (InputError)."""
+def size_text(size: int) -> str:
+    """Bytes as people read them: KB below a megabyte, else MB with 2 decimals (never "0.0 MB")."""
+    if size < 2**20:
+        return f"{size / 1024:.1f} KB"
+    return f"{size / 2**20:.2f} MB"
+
+
+def check_upload(path: Optional[str], what: str, options: UiOptions, audio: bool = False,
+                 video: bool = False) -> None:
+    """Refuse an upload over the size limit, speech over the duration limit, or a video to dub
+    over its duration limit (InputError)."""
     if not path:
         return
     p = Path(path)
@@ -81,13 +99,19 @@ def check_upload(path: Optional[str], what: str, options: UiOptions, audio: bool
         raise InputError(f"The {what} upload is gone from the server; upload it again.")
     size = p.stat().st_size
     if size > options.max_upload_bytes:
-        raise InputError(f"The {what} {p.name} is {size / 2**20:.1f} MB; this page accepts uploads up to "
+        raise InputError(f"The {what} {p.name} is {size_text(size)}; this page accepts uploads up to "
                          f"{options.max_upload_mb:g} MB (start it with --max-upload-mb to change that).")
     if audio:
         seconds = audio_seconds(p)
         if seconds is not None and seconds > options.max_audio_seconds:
             raise InputError(f"The {what} {p.name} lasts {seconds:.1f} s; this page accepts speech up to "
                              f"{options.max_audio_seconds:g} s (start it with --max-audio-seconds to change that).")
+    if video:
+        seconds, frames = video_length(p)
+        if seconds is not None and seconds > options.max_video_seconds:
+            count = f" ({frames} frames)" if frames else ""
+            raise InputError(f"The {what} {p.name} lasts {seconds:.1f} s{count}; this page accepts videos up to "
+                             f"{options.max_video_seconds:g} s (start it with --max-video-seconds to change that).")
 
 
 def audio_seconds(path: Path) -> Optional[float]:
@@ -96,6 +120,30 @@ def audio_seconds(path: Path) -> Optional[float]:
 
     seconds = declared_duration(path)
     return seconds if seconds is not None and math.isfinite(seconds) else None
+
+
+def video_length(path: Path) -> tuple[Optional[float], Optional[int]]:
+    """(seconds, frames) of the first video stream as the container declares them; the seconds
+    from the frame count and rate when no duration is stored; (None, None) when unreadable (the
+    service's checks then say what is wrong with the file)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None, None
+            stream = container.streams.video[0]
+            frames = int(stream.frames) or None
+            seconds = None
+            if stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                seconds = container.duration / 1e6
+            elif frames and stream.average_rate:
+                seconds = frames / float(stream.average_rate)
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None, None
+    return (seconds if seconds is not None and math.isfinite(seconds) else None), frames
 
 
 # ---- speaker boxes ---------------------------------------------------------------------------
@@ -212,6 +260,14 @@ class Form:
     max_seconds: float = 0.0
     frame_num: int = 81
     motion_frame: int = 9
+    text: str = ""  # speech from text: used instead of the speech uploads when given
+    voice: str = DEFAULT_VOICE
+    voice2: str = DEFAULT_VOICE2
+    speed: float = 1.0
+    vram: str = "auto"
+
+
+FIELDS = tuple(f.name for f in dataclass_fields(Form))
 
 
 def _number(value, what: str, cast=float):
@@ -231,9 +287,28 @@ def resolve_seed(seed) -> int:
     return random.randrange(0, 2**31 - 1) if value == RANDOM_SEED else value
 
 
+def vram_value(value) -> "float | str | None":
+    """The page's VRAM field -> RuntimeOptions.vram: auto (also empty), none -> None, a number of
+    GB -> float; anything else goes to the service as it is, which refuses it with its sentence."""
+    text = str(value if value is not None else "").strip()
+    if text.lower() in ("", "auto"):
+        return "auto"
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def speech_text(form: Form) -> str:
+    return (form.text or "").strip()
+
+
 def title_of(form: Form) -> str:
     source = form.image if form.task == TASK_IMAGE else form.video
-    names = [Path(p).name for p in (source, form.audio1, form.audio2) if p]
+    speech = ("text",) if speech_text(form) else tuple(p for p in (form.audio1, form.audio2) if p)
+    names = [Path(p).name for p in (source,) if p] + [Path(p).name for p in speech]
     return " + ".join(names) or "video"
 
 
@@ -249,14 +324,16 @@ def build_spec(form: Form, folder: JobFolder, options: UiOptions) -> tuple[JobSp
     if form.speakers not in SPEAKER_MODES:
         raise InputError(f"Choose the speakers: {', '.join(SPEAKER_MODES)}.")
     two = form.speakers != ONE
-    if not form.audio1:
-        raise InputError("Upload the speech of speaker 1.")
-    if two and not form.audio2:
+    text = speech_text(form)  # given: the speech is synthesised from it, the uploads are not used
+    if not text and not form.audio1:
+        raise InputError("Upload the speech of speaker 1, or write the words to speak.")
+    if not text and two and not form.audio2:
         raise InputError("Upload the speech of speaker 2, or choose one speaker.")
-    check_upload(source, "video" if is_video else "image", options)
-    check_upload(form.audio1, "speech of speaker 1", options, audio=True)
-    if two:
-        check_upload(form.audio2, "speech of speaker 2", options, audio=True)
+    check_upload(source, "video to dub" if is_video else "image", options, video=is_video)
+    if not text:
+        check_upload(form.audio1, "speech of speaker 1", options, audio=True)
+        if two:
+            check_upload(form.audio2, "speech of speaker 2", options, audio=True)
     bbox1 = bbox2 = None
     if two and form.box_mode == BOXES_DRAWN:
         if not (form.box1 or "").strip() or not (form.box2 or "").strip():
@@ -280,14 +357,21 @@ def build_spec(form: Form, folder: JobFolder, options: UiOptions) -> tuple[JobSp
     }
     if max_seconds < 0:
         raise InputError(f"The maximum length must be 0 (the whole speech) or a number of seconds, got {max_seconds:g}.")
-    runtime = RuntimeOptions(model=options.model, weights=options.weights, device=options.device)
+    runtime = RuntimeOptions(model=options.model, weights=options.weights, device=options.device,
+                             vram=vram_value(form.vram))
+    speech: dict = {}
+    if text:
+        speech = {"text": text, "voice": (form.voice or "").strip() or DEFAULT_VOICE,
+                  "voice2": (form.voice2 or "").strip() or DEFAULT_VOICE2, "speed": _number(form.speed, "the speed")}
+    else:
+        speech = {"audio": folder.add_input(form.audio1, "audio1"),
+                  "audio2": folder.add_input(form.audio2, "audio2") if two else None,
+                  "audio_type": ("add" if form.speakers == TWO_ADD else "para") if two else None}
     spec = JobSpec(
         output=str(folder.output),
         image=None if is_video else folder.add_input(source, "image"),
         video=folder.add_input(source, "video") if is_video else None,
-        audio=folder.add_input(form.audio1, "audio1"),
-        audio2=folder.add_input(form.audio2, "audio2") if two else None,
-        audio_type=("add" if form.speakers == TWO_ADD else "para") if two else None,
+        **speech,
         bbox1=bbox1, bbox2=bbox2,
         prompt=form.prompt or "", negative_prompt=form.negative_prompt or None,
         preset=PRESET_NAMES[form.preset],
@@ -296,7 +380,11 @@ def build_spec(form: Form, folder: JobFolder, options: UiOptions) -> tuple[JobSp
         **{k: v for k, v in settings.items() if k != "preset"},
     )
     shown = {"task": "video dubbing" if is_video else "image-driven", "speakers": form.speakers,
-             "prompt": form.prompt or "", **settings, "max_seconds": max_seconds or None, "model": options.model}
+             "prompt": form.prompt or "", **settings, "max_seconds": max_seconds or None, "model": options.model,
+             "vram": "none" if runtime.vram is None else str(runtime.vram)}
+    if text:
+        voices = speech["voice"] + (f" / {speech['voice2']}" if SECOND_SPEAKER.search(text) else "")
+        shown.update(speakers="from the text", speech=f"text, voice {voices}, speed {speech['speed']:g}")
     if two:
         shown["boxes"] = f"{box_text(bbox1)} / {box_text(bbox2)}" if bbox1 else "automatic halves"
     return spec, shown

@@ -16,12 +16,14 @@ from ..errors import InputError
 
 DEFAULT_MAX_UPLOAD_MB = 200.0
 DEFAULT_MAX_AUDIO_SECONDS = 600.0
+DEFAULT_MAX_VIDEO_SECONDS = 600.0
 
 UI_EXAMPLES = """\
 examples:
   infinitetalk ui                          # http://127.0.0.1:7860, opens the browser
   infinitetalk ui --model tiny             # try the page without weights (random models: noise)
   infinitetalk ui --share --no-browser     # a public gradio.live link (e.g. on Colab)
+  infinitetalk ui --vram 12                # the page's VRAM budget starts at 12 GB (DiT blocks stream)
 """
 
 
@@ -31,6 +33,20 @@ def default_output_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "infinitetalk" / "ui-jobs"
+
+
+def check_vram_text(value, what: str = "the VRAM budget") -> str:
+    """auto / none / a positive number of GB, as text (normalised); InputError otherwise."""
+    text = str(value if value is not None else "none").strip().lower()
+    if text in ("auto", "none"):
+        return text
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb > 0):
+        raise InputError(f"{what} must be auto, none or a positive number of GB, got {value!r}.")
+    return f"{gb:g}"
 
 
 @dataclass(frozen=True)
@@ -46,14 +62,18 @@ class UiOptions:
     open_browser: bool = True
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+    max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
     output_dir: Optional[str] = None
+    vram: str = "auto"  # the page's VRAM budget field starts with this: auto, none or GB
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise InputError(f"--port must be between 1 and 65535, got {self.port}.")
-        for name, value in (("--max-upload-mb", self.max_upload_mb), ("--max-audio-seconds", self.max_audio_seconds)):
+        for name, value in (("--max-upload-mb", self.max_upload_mb), ("--max-audio-seconds", self.max_audio_seconds),
+                            ("--max-video-seconds", self.max_video_seconds)):
             if not (math.isfinite(value) and value > 0):
                 raise InputError(f"{name} must be a positive number, got {value}.")
+        object.__setattr__(self, "vram", check_vram_text(self.vram, "--vram"))
 
     @property
     def jobs_dir(self) -> Path:
@@ -80,6 +100,12 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
     parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS, metavar="N",
                         help=f"longest speech accepted, in seconds (default {DEFAULT_MAX_AUDIO_SECONDS:g})")
+    parser.add_argument("--max-video-seconds", type=float, default=DEFAULT_MAX_VIDEO_SECONDS, metavar="N",
+                        help=f"longest video to dub accepted, in seconds (default {DEFAULT_MAX_VIDEO_SECONDS:g})")
+    parser.add_argument("--vram", metavar="GB|auto|none", default="auto",
+                        help="the VRAM budget the page starts with (default auto: the GPU's free memory; none: "
+                             "every model resident; a number: GB, DiT blocks stream from host memory); each job "
+                             "may change it on the page")
     parser.add_argument("--output-dir", metavar="DIR", default=None,
                         help="where jobs are kept, one folder each (default $INFINITETALK_UI_OUTPUTS or "
                              "~/.cache/infinitetalk/ui-jobs); interrupted jobs there are listed for resuming")
@@ -88,7 +114,8 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> UiOptions:
     return UiOptions(host=args.host, port=args.port, share=args.share, model=args.model, weights=args.weights,
                      device=args.device, open_browser=args.open_browser, max_upload_mb=args.max_upload_mb,
-                     max_audio_seconds=args.max_audio_seconds, output_dir=args.output_dir)
+                     max_audio_seconds=args.max_audio_seconds, max_video_seconds=args.max_video_seconds,
+                     output_dir=args.output_dir, vram=args.vram)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -77,8 +77,8 @@ def file_url(path: str | Path) -> str:
     return FILE_ROUTE + html.escape(str(Path(path).resolve()), quote=True)
 
 
-SHOWN_SETTINGS = ("task", "speakers", "preset", "size", "steps", "seed", "shift", "text_guide_scale",
-                  "audio_guide_scale", "teacache", "color_correction", "mode", "max_seconds", "boxes", "model")
+SHOWN_SETTINGS = ("task", "speakers", "speech", "preset", "size", "steps", "seed", "shift", "text_guide_scale",
+                  "audio_guide_scale", "teacache", "color_correction", "mode", "max_seconds", "boxes", "model", "vram")
 
 
 def history(entries: Sequence[dict]) -> str:

@@ -1,8 +1,10 @@
 """The weights panel: which official files are found, and their download with progress.
 
-The download runs `weights.hub.download_weights` on its own thread (one at a time per page
-server); its progress is the part of the plan being fetched (from the hub module's log lines)
-and the bytes in the weights folder, measured on disk, partial files included.
+A download runs on its own thread (one at a time per page server): the official files of a
+variant ("single" / "multi": `weights.hub.download_weights`) or the LoRA of a preset ("fast" /
+"fusionx": `weights.hub.download_preset_lora`, into WEIGHTS/loras/). Its progress is the part
+of the plan being fetched (from the hub module's log lines) and the bytes in the weights folder,
+measured on disk, partial files included.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import PRESETS
-from ..errors import InfiniteTalkError
+from ..errors import InfiniteTalkError, InputError
 from ..weights.hub import LORA_DIR, VARIANTS, WeightsLayout, default_weights_dir, download_plan
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,21 @@ def lora_rows(root: Path) -> list[tuple[str, bool]]:
             for name, p in PRESETS.items() if p.get("lora")]
 
 
+def lora_presets() -> tuple[str, ...]:
+    """The presets whose LoRA the panel can fetch (fast, fusionx)."""
+    return tuple(name for name, p in PRESETS.items() if p.get("lora"))
+
+
+def download_steps(target: str) -> int:
+    """Parts of a download: the hub items of a variant, one file for a preset's LoRA."""
+    if target in VARIANTS:
+        return len(download_plan(target))
+    if target in lora_presets():
+        return 1
+    raise InputError(f"Nothing to download called {target!r}; choose one of: "
+                     f"{', '.join(VARIANTS + lora_presets())}.")
+
+
 def bytes_on_disk(root: Path) -> int:
     total = 0
     for base, _dirs, files in os.walk(root):
@@ -68,7 +85,8 @@ class DownloadView:
 
 
 class Downloader:
-    """One download of the official files at a time (thread-safe)."""
+    """One download at a time (thread-safe): `start(root, target)` with target a weights variant
+    (single, multi) or a preset whose LoRA is fetched (fast, fusionx)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -76,14 +94,15 @@ class Downloader:
         self._root: Optional[Path] = None
         self._view = DownloadView(False, "", 0, 0, 0)
 
-    def start(self, root: Path, variant: str) -> None:
+    def start(self, root: Path, target: str) -> None:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
+            steps = download_steps(target)
             self._root = root
-            steps = len(download_plan(variant))
-            self._view = DownloadView(True, f"starting the {variant} download into {root}", 0, steps, 0)
-            self._thread = threading.Thread(target=self._run, args=(root, variant), daemon=True,
+            what = f"the {target} download" if target in VARIANTS else f"the download of the {target} LoRA"
+            self._view = DownloadView(True, f"starting {what} into {root}", 0, steps, 0)
+            self._thread = threading.Thread(target=self._run, args=(root, target), daemon=True,
                                             name="infinitetalk-ui-download")
             self._thread.start()
 
@@ -93,8 +112,8 @@ class Downloader:
         with self._lock:
             self._view = replace(self._view, **changes)
 
-    def _run(self, root: Path, variant: str) -> None:
-        from ..weights.hub import download_weights
+    def _run(self, root: Path, target: str) -> None:
+        from ..weights.hub import download_preset_lora, download_weights
 
         def on_log(message: str) -> None:
             with self._lock:
@@ -102,14 +121,21 @@ class Downloader:
             self._set(step=step, label=message)
 
         try:
-            download_weights(root, variant, log_fn=on_log)
+            if target in VARIANTS:
+                download_weights(root, target, log_fn=on_log)
+                done = f"all {target} files are in {root}"
+            else:
+                spec = PRESETS[target]["lora"]
+                self._set(step=1, label=f"downloading {spec['repo']} ({spec['filename']}) -> {root / LORA_DIR}")
+                path = download_preset_lora(root, target)
+                done = f"the {target} LoRA is in {path}"
         except InfiniteTalkError as err:
             self._set(running=False, error=str(err))
         except Exception as err:  # noqa: BLE001 - an internal bug: one line on the page, the traceback in the log
             log.exception("the weights download failed")
             self._set(running=False, error=f"internal error: {type(err).__name__}: {err}")
         else:
-            self._set(running=False, finished=True, step=self._view.steps, label=f"all {variant} files are in {root}")
+            self._set(running=False, finished=True, step=self._view.steps, label=done)
 
     def view(self) -> DownloadView:
         with self._lock:
