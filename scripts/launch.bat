@@ -16,7 +16,7 @@ set "PY=%VENV%\Scripts\python.exe"
 set "STAMP=%VENV%\.infinitetalk-install"
 if not defined INFINITETALK_PORT set "INFINITETALK_PORT=7860"
 
-if defined INFINITETALK_VENV if exist "%PY%" (
+if defined INFINITETALK_VENV if not exist "%STAMP%" if exist "%PY%" (
     "%PY%" -c "import infinitetalk, gradio" >nul 2>&1 && (
         echo launch: using %VENV% as it is ^(infinitetalk and gradio are installed there^)
         goto start

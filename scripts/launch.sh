@@ -5,7 +5,8 @@
 #
 # Environment variables:
 #   INFINITETALK_VENV        the environment to use (default: .venv in the repository). One that
-#                            already has infinitetalk and gradio is used as it is, nothing installed.
+#                            already has infinitetalk and gradio is used as it is, nothing installed
+#                            (unless this launcher made it: then it is kept up to date as .venv is).
 #   INFINITETALK_MODEL       e.g. tiny (small random models, no weights) for a quick look or tests
 #   INFINITETALK_PORT        the page's port (default 7860)
 #   INFINITETALK_NO_BROWSER  1: do not open the browser
@@ -18,7 +19,8 @@ STAMP="$VENV/.infinitetalk-install"
 
 say() { echo "launch: $*" >&2; }
 
-if [ -n "${INFINITETALK_VENV:-}" ] && [ -x "$PY" ] && "$PY" -c "import infinitetalk, gradio" 2>/dev/null; then
+# an environment this launcher did not make (no stamp) is used as it is when it has what is needed
+if [ -n "${INFINITETALK_VENV:-}" ] && [ ! -f "$STAMP" ] && [ -x "$PY" ] && "$PY" -c "import infinitetalk, gradio" 2>/dev/null; then
     say "using $VENV as it is (infinitetalk and gradio are installed there)"
 else
     if [ ! -x "$PY" ]; then

@@ -28,11 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_once(tmp_path: Path, run: int) -> str:
+def serve_once(tmp_path: Path, run: int, venv: Path = Path(sys.prefix), **extra_env: str) -> str:
     port = free_port()
-    env = dict(os.environ, INFINITETALK_VENV=sys.prefix, INFINITETALK_MODEL="tiny", INFINITETALK_PORT=str(port),
+    env = dict(os.environ, INFINITETALK_VENV=str(venv), INFINITETALK_MODEL="tiny", INFINITETALK_PORT=str(port),
                INFINITETALK_NO_BROWSER="1", INFINITETALK_UI_OUTPUTS=str(tmp_path / "ui-jobs"),
-               GRADIO_ANALYTICS_ENABLED="False")
+               GRADIO_ANALYTICS_ENABLED="False", **extra_env)
     log_path = tmp_path / f"launch{run}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["bash", str(LAUNCH_SH)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -68,6 +68,26 @@ def test_launch_sh_serves_the_page_and_installs_nothing_twice(tmp_path):
         assert f"using {sys.prefix} as it is" in log, log
         assert "installing" not in log and "creating the environment" not in log, log
     assert sorted(p.name for p in Path(sys.prefix).iterdir()) == before, "nothing written into the environment"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shell launcher is tested on Linux")
+def test_launch_sh_first_run_makes_the_environment_then_installs_nothing(tmp_path):
+    """The first run creates the environment, installs the package (editable) and writes its
+    stamp; the second run finds it up to date. The heavy dependencies (torch, gradio) are seen
+    through PYTHONPATH from the test's own environment, so pip installs only infinitetalk
+    (it fetches the build backend from the package index, as on a user's machine)."""
+    import sysconfig
+
+    venv = tmp_path / "fresh-venv"
+    site = sysconfig.get_paths()["purelib"]
+    first = serve_once(tmp_path, 1, venv, PYTHONPATH=site, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    assert f"creating the environment {venv}" in first and "installing infinitetalk[ui]" in first, first
+    stamp = (venv / ".infinitetalk-install").read_text()
+    assert stamp.strip().endswith("ui")
+    second = serve_once(tmp_path, 2, venv, PYTHONPATH=site, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    assert f"{venv} is up to date" in second and "installing" not in second and "creating" not in second, second
+    assert (venv / ".infinitetalk-install").read_text() == stamp
 
 
 def test_launchers_share_their_settings():
