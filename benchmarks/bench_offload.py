@@ -241,6 +241,8 @@ def measure_case(job: Job, args, speakers_list, with_window: bool) -> dict:
 
 def run(args) -> dict:
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # the memory-fraction cap needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     result = {
         "benchmark": "offload",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

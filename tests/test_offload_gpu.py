@@ -97,7 +97,7 @@ def test_module_placer_moves_a_model_only_while_it_runs():
     placer = ModulePlacer(layer, "cuda")
     assert all(p.device.type == "cpu" for p in layer.parameters())
     before = torch.cuda.memory_allocated()
-    with placer.on_device():
+    with placer.on_device(), torch.inference_mode():  # as the pipeline runs it: no autograd graph keeps GPU tensors
         assert all(p.is_cuda for p in layer.parameters())
         got = layer(x.cuda()).cpu()
     assert all(p.device.type == "cpu" and p.is_pinned() for p in layer.parameters())
