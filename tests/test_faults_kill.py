@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from faults import REPO, Inputs, run_cli, sha, verdict, write_wav
+from faults import REPO, Inputs, run_cli, run_cli_process, sha, verdict, write_wav
 from infinitetalk.errors import JobCancelledError
 from infinitetalk.progress import CancelToken, WindowFinished
 from infinitetalk.service import JobService, JobSpec, RuntimeOptions
@@ -274,3 +274,55 @@ def test_kill_busy_and_resume(media, tmp_path, tally):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav", "work"]
     assert inputs.lost() == []
     tally.videos += 1
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_stage_then_resume_gives_the_same_video(media, tmp_path, tally):
+    """SIGKILL a real `infinitetalk generate` at evenly spaced moments of its run time (model
+    load, sampling, segment and state writes, the final mux all fall under one of them), each
+    time continuing with --resume, until one run finishes: the video equals an uninterrupted run,
+    nothing is left beside it and the inputs are untouched."""
+    image, audio = media / "face.png", tmp_path / "speech.wav"
+    write_wav(audio, 0.72, rate=22050)  # 18 frames: 4 windows of 9 frames (5 motion)
+    inputs = Inputs(image, audio)
+    args = lambda out, *extra: ["--model", "tiny", "--steps", "1", "--seed", "9", "--frame-num", "9",  # noqa: E731
+                                "--motion-frame", "5", "--image", image, "--audio", audio, "--output", out, *extra]
+    base = tmp_path / "base.mp4"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "infinitetalk.cli", "generate", *map(str, args(base))],
+                          env=dict(os.environ, PYTHONPATH=str(REPO / "src")), capture_output=True, text=True,
+                          timeout=300)
+    whole = time.monotonic() - start
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "o.mp4"
+    kills = 0
+    for fraction in (0.3, 0.6, 0.85, 0.97):
+        tally.tried += 1
+        proc = _popen(args(out, "--resume"))
+        try:
+            proc.wait(timeout=fraction * whole)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            kills += 1
+        finally:
+            err = proc.stderr.read()
+            proc.stderr.close()
+        if proc.returncode == 0:  # this run got to the end
+            tally.videos += 1
+            break
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+        assert not out.exists(), "a killed job left a video"
+        tally.accepted += 1  # killed on purpose: what it left must resume
+    else:
+        tally.tried += 1
+        final = run_cli_process(args(out, "--resume"))
+        assert final.returncode == 0, final.stderr[-2000:]
+        tally.videos += 1
+    assert kills >= 2, f"only {kills} kill(s) landed: the job ran faster than the kill schedule"
+    assert np.array_equal(_frames(out), _frames(base)), "the video after kills and resumes differs"
+    assert sorted(p.name for p in work.iterdir()) == ["o.mp4"], sorted(p.name for p in work.iterdir())
+    assert inputs.lost() == []
