@@ -151,9 +151,9 @@ def _add_generate(sub) -> None:
                        help="use the reference kernels instead of the fast GPU path (for comparisons)")
     _add_component_options(model)
     model.add_argument("--vram", metavar="GB|auto", type=_vram_value, default="auto",
-                       help="VRAM the job may use: DiT blocks stream from host memory and the other models sit on "
-                            "the GPU only while they run (default auto: the GPU's free memory; see "
-                            "`infinitetalk info --vram GB` for the plan)")
+                       help="VRAM the job may use (per GPU): DiT blocks stream from host memory, or with --gpus are "
+                            "sharded over the GPUs, and the other models sit on the GPU only while they run (default "
+                            "auto: the GPU's free memory; see `infinitetalk info --vram GB [--gpus N]` for the plan)")
     par = p.add_argument_group("several GPUs")
     par.add_argument("--gpus", type=int, default=None, metavar="N",
                      help="share each step over N GPUs (cuda:0..N-1; with --device cpu: N CPU processes, for "
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--fp8", action="store_true", help="plan with the DiT block layers in fp8")
     info.add_argument("--speakers", type=int, choices=(1, 2), default=1, help="speakers of that plan")
     info.add_argument("--preset", default=None, help="a preset with text guidance 1 (fast, fusionx) plans two passes")
+    info.add_argument("--gpus", type=int, default=1, metavar="N",
+                      help="plan for a job shared by N GPUs (below a whole DiT per GPU its blocks are sharded over them)")
     info.set_defaults(func=cmd_info)
     from .ui.options import add_ui_parser  # `infinitetalk ui`: the web page (gradio is imported only when it runs)
 
@@ -481,8 +483,10 @@ def _vram_plan(args: argparse.Namespace) -> str:
         raise InputError("--vram auto needs a CUDA GPU to read its free memory; give a number of GB.")
     cfg = GenerationConfig.from_preset(args.preset) if args.preset else GenerationConfig()
     models = OffloadModels.infinitetalk_14b(torch.bfloat16, args.fp8)
+    gpus = max(1, args.gpus)
+    shards = gpus if gpus > 1 and models.dit_config.num_heads % gpus == 0 else 1  # as generation.components.offload_for
     plan = plan_offload(models, budget, size=args.size, speakers=args.speakers, passes=2 if cfg.two_pass_guidance else 3,
-                        host_ram_bytes=host_ram_available())
+                        host_ram_bytes=host_ram_available(), shards=shards)
     return plan.describe()
 
 

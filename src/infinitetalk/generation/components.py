@@ -134,28 +134,37 @@ class Components:
 
 
 def offload_for(model: str, device: torch.device, dtype: torch.dtype, fp8: bool, vram_budget, vram_size: int,
-                dit: Optional[torch.nn.Module] = None):
+                dit: Optional[torch.nn.Module] = None, parallel: Optional[object] = None):
     """The `runtime.offload.Offloader` for `vram_budget`, or None (every model resident on `device`).
 
     Called twice by `from_pretrained`. Before loading (`dit` None) the DiT is sized from its config
     (`dtype` / fp8): None when everything fits on the GPU (load straight onto it), else an Offloader
     whose plan only says "load on the host"; for the 14B model an estimate over the budget is no
     error yet, as a GGUF / fp8-scaled file may hold a smaller DiT. With the loaded `dit` the plan is
-    made again from the bytes its blocks really hold: that plan runs (or raises DeviceOutOfMemoryError)."""
+    made again from the bytes its blocks really hold: that plan runs (or raises DeviceOutOfMemoryError).
+
+    `parallel` (a `runtime.parallel.ParallelContext` of W > 1 ranks): every rank plans with the
+    smallest budget of the ranks (one all-reduce, so all make the same plan), and when a whole DiT
+    does not fit one rank but W divides the attention heads, the plan may shard the DiT blocks over
+    the W ranks (`OffloadPlan.shards`; see `runtime.offload_plan`)."""
     from ..errors import DeviceOutOfMemoryError
     from ..runtime.offload import Offloader, host_ram_available, resolve_budget
     from ..runtime.offload_plan import OffloadModels, OffloadPlan, min_budget, plan_offload
 
     if isinstance(vram_budget, OffloadPlan):  # a plan made (or adjusted) by the caller
-        return Offloader(vram_budget, device)
+        return Offloader(vram_budget, device, parallel=parallel)
     budget = resolve_budget(vram_budget, device)
     if budget is None:
         return None
+    world = parallel.world if parallel is not None else 1
+    if world > 1:
+        budget = parallel.agree_min(budget)
     models = OffloadModels.tiny(dtype, fp8) if model == "tiny" else OffloadModels.infinitetalk_14b(dtype, fp8)
     if dit is not None:
         models = models.with_dit(dit)
+    shards = world if world > 1 and models.dit_config.num_heads % world == 0 else 1
     # two speakers and three passes: the most memory a job of that size can need
-    plan_args = dict(size=vram_size, speakers=2, passes=3, host_ram_bytes=host_ram_available())
+    plan_args = dict(size=vram_size, speakers=2, passes=3, host_ram_bytes=host_ram_available(), shards=shards)
     try:
         plan = plan_offload(models, budget, **plan_args)
     except DeviceOutOfMemoryError:
@@ -164,7 +173,7 @@ def offload_for(model: str, device: torch.device, dtype: torch.dtype, fp8: bool,
         plan = plan_offload(models, max(budget, min_budget(models, size=vram_size, speakers=2, passes=3)), **plan_args)
     if dit is None and not plan.offloads and device.type == "cuda":
         return None  # everything fits: load straight onto the GPU
-    return Offloader(plan, device)
+    return Offloader(plan, device, parallel=parallel)
 
 def tiny_components(seed: int, device: torch.device, dtype: torch.dtype, variant: str, fp8: bool = False,
                     encoders: bool = True) -> Components:

@@ -199,6 +199,8 @@ class InfiniteTalk:
         720) the plan must fit (its largest bucket; default 720 fits every job).
         parallel: a `runtime.parallel.ParallelContext` (every rank of the job calls this): the
         ranks share each step; the text encoder, CLIP and wav2vec2 load and run on its first rank.
+        Under a budget below a whole DiT per rank the plan may shard the DiT blocks over the ranks
+        (`runtime.parallel.ParallelContext.shard_weights`; the job then runs as one branch group).
         """
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype if dtype is not None else default_dtype(dev)
@@ -210,7 +212,7 @@ class InfiniteTalk:
             raise InputError("The device 'cuda' was asked for but no CUDA GPU is available; use --device cpu.")
         use_fast = (dev.type == "cuda") if fast is None else bool(fast)
         loras = [(Path(p).expanduser(), float(scale)) for p, scale in loras]
-        offload = offload_for(model, dev, dt, fp8, vram_budget, vram_size)
+        offload = offload_for(model, dev, dt, fp8, vram_budget, vram_size, parallel=parallel)
         place = torch.device("cpu") if offload is not None else dev
         encoders = parallel is None or parallel.is_leader  # the other ranks get the encoders' results
         if model == "tiny":
@@ -222,7 +224,7 @@ class InfiniteTalk:
                                                   place, encoders)
         components.runtime = runtime_settings(fp8, loras, fp8_attention, fast=use_fast)
         if offload is not None:  # planned again from the loaded DiT's own bytes (GGUF blocks, fp8-scaled)
-            offload = offload_for(model, dev, dt, fp8, vram_budget, vram_size, dit=components.dit)
+            offload = offload_for(model, dev, dt, fp8, vram_budget, vram_size, dit=components.dit, parallel=parallel)
             offload.prepare_dit(components.dit)
         if use_fast:
             from ..runtime.fast import FastOptions, make_fast

@@ -2,10 +2,12 @@
 
 Composed around the modules with forward pre-hooks, never by changing the model code:
 
-* `BlockStreamer` keeps some blocks of a `ModuleList` on the device and the others packed in
-  host memory (one pinned slab per block, or a memory-mapped file when host RAM is short). Two
-  device slots hold streamed blocks: when block i starts, block i's copy is waited for on the
-  compute stream (an event, no host sync) and the next streamed block is copied into the other
+* `BlockStreamer` keeps some blocks of a `ModuleList` on the device and the others packed in a
+  source (`runtime.block_store`): host memory (one pinned slab per block, or a memory-mapped
+  file when host RAM is short), or 1/W of every block on each of W ranks, gathered into the slot
+  by one all-gather (when the budget is below a whole DiT per GPU). Two device slots hold
+  streamed blocks: when block i starts, block i's copy is waited for on the compute stream (an
+  event, no host sync) and the next streamed block is copied (or gathered) into the other
   slot on a side stream after the work queued so far (another event), so the copy of block i+1
   overlaps the compute of block i. A block's tensors are swapped in by `.data` (parameters) and
   `_buffers` (buffers) to views of the slot, so compiled blocks see the same shapes, dtypes and
@@ -27,20 +29,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .block_store import ALIGN, Entry, HostSource, ShardedSource, SpillFile, layout, pack_into, point_to, views
 from .offload_plan import GiB, OffloadPlan
+
+__all__ = ["ALIGN", "BlockStreamer", "HostSource", "ModulePlacer", "Offloader", "ShardedSource", "SpillFile",
+           "host_ram_available", "resolve_budget"]
 
 log = logging.getLogger(__name__)
 
-ALIGN = 256
-"""Byte alignment of every tensor inside a packed slab (what the kernels and inductor expect)."""
 AUTO_MARGIN_FRACTION = 0.05
 AUTO_MARGIN_MIN = GiB
 """`vram_budget="auto"`: the free memory of the GPU minus max(5%, 1 GiB)."""
@@ -87,104 +88,17 @@ def resolve_budget(vram_budget, device: torch.device) -> Optional[int]:
     return int(float(vram_budget) * GiB)
 
 
-# ---- packing the tensors of a module into one slab ------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Entry:
-    owner: nn.Module
-    name: str
-    is_param: bool
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple
-
-
-def _layout(module: nn.Module) -> tuple[list[_Entry], int]:
-    """Every parameter and buffer of `module` (each tensor once) at aligned offsets of one slab."""
-    entries, seen, offset = [], set(), 0
-    for owner in module.modules():
-        for is_param, table in ((True, owner._parameters), (False, owner._buffers)):
-            for name, tensor in table.items():
-                if tensor is None or id(tensor) in seen:
-                    continue
-                seen.add(id(tensor))
-                nbytes = tensor.numel() * tensor.element_size()
-                entries.append(_Entry(owner, name, is_param, offset, nbytes, tensor.dtype, tuple(tensor.shape)))
-                offset += -(-nbytes // ALIGN) * ALIGN
-    return entries, offset
-
-
-def _views(entries: Sequence[_Entry], slab: torch.Tensor) -> list[torch.Tensor]:
-    return [slab[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in entries]
-
-
-def _current(entry: _Entry) -> torch.Tensor:
-    table = entry.owner._parameters if entry.is_param else entry.owner._buffers
-    return table[entry.name]
-
-
-def _point_to(entries: Sequence[_Entry], tensors: Sequence[torch.Tensor]) -> None:
-    """Make every entry's parameter (same object, new `.data`) or buffer the given tensor."""
-    for e, t in zip(entries, tensors):
-        if e.is_param:
-            e.owner._parameters[e.name].data = t
-        else:
-            e.owner._buffers[e.name] = t
-
-
-def _pack_into(entries: Sequence[_Entry], slab: torch.Tensor) -> list[torch.Tensor]:
-    views = _views(entries, slab)
-    for e, v in zip(entries, views):
-        v.copy_(_current(e).detach().reshape(e.shape))
-    return views
-
-
-class SpillFile:
-    """Packed slabs written to one file and memory-mapped back (the host store when RAM is short).
-
-    The file lives in `directory` (default: the system temp folder) and is removed on `close`.
-    """
-
-    def __init__(self, total_bytes: int, directory: Optional[os.PathLike] = None):
-        fd, name = tempfile.mkstemp(prefix="infinitetalk-offload-", suffix=".bin", dir=directory)
-        self.path = Path(name)
-        os.close(fd)
-        with open(self.path, "r+b") as fh:
-            fh.truncate(max(1, total_bytes))
-        storage = torch.UntypedStorage.from_file(str(self.path), True, max(1, total_bytes))
-        self.data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (max(1, total_bytes),))
-        self.used = 0
-
-    def allocate(self, nbytes: int) -> torch.Tensor:
-        start = self.used
-        self.used += -(-nbytes // ALIGN) * ALIGN
-        return self.data[start : start + nbytes]
-
-    def close(self) -> None:
-        self.data = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-
-def _host_slab(nbytes: int, store: str, spill: Optional[SpillFile]) -> torch.Tensor:
-    if store == "mmap":
-        return spill.allocate(nbytes)
-    pin = store == "pinned" and torch.cuda.is_available()
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-
-
 # ---- block streaming ------------------------------------------------------------------------
 
 
 class BlockStreamer:
     """Streams the blocks `streamed` of `blocks` (an nn.ModuleList) through two device slots.
 
-    The blocks not streamed must already be on `device`. The streamed ones are packed into host
-    slabs now (`store`: "pinned", "mmap" into a `SpillFile`, or "plain" pageable memory) and
-    their own tensors released. `detach()` removes the hooks and puts every streamed block back
-    into ordinary host tensors.
+    The blocks not streamed must already be on `device`. The streamed ones are packed now into
+    `source` (`runtime.block_store`; default a `HostSource` of `store`: "pinned", "mmap" into a
+    `SpillFile` in `spill_dir`, or "plain" pageable memory; or a `ShardedSource` over the ranks
+    of a process group) and their own tensors released. `detach()` removes the hooks and puts
+    every streamed block back into ordinary host tensors.
     """
 
     def __init__(
@@ -194,29 +108,21 @@ class BlockStreamer:
         streamed: Sequence[int],
         store: str = "pinned",
         spill_dir: Optional[os.PathLike] = None,
+        source=None,
     ):
         self.blocks = blocks
         self.device = torch.device(device)
         self.order = list(range(len(blocks)))
         self.streamed = sorted(set(int(i) for i in streamed))
-        self.store = store
+        self.source = source if source is not None else HostSource(store, spill_dir)
         self.cuda = self.device.type == "cuda"
-        self._layouts: dict[int, list[_Entry]] = {}
-        self._host: dict[int, list[torch.Tensor]] = {}
-        self._host_slab: dict[int, torch.Tensor] = {}
-        self._spill = None
-        sizes = {}
+        self._layouts: dict[int, list[Entry]] = {}
+        layouts = {}
         for i in self.streamed:
-            self._layouts[i], sizes[i] = _layout(blocks[i])
-        total = sum(-(-s // ALIGN) * ALIGN for s in sizes.values())
-        if store == "mmap" and self.streamed:
-            self._spill = SpillFile(total, spill_dir)
-        for i in self.streamed:  # block by block, so the host never holds a block twice for long
-            slab = _host_slab(sizes[i], store, self._spill)
-            self._host[i] = _pack_into(self._layouts[i], slab)
-            self._host_slab[i] = slab
-            _point_to(self._layouts[i], self._host[i])
-        slot_bytes = max(sizes.values(), default=0)
+            layouts[i] = layout(blocks[i])
+            self._layouts[i] = layouts[i][0]
+        self.source.pack(layouts)
+        slot_bytes = max((self.source.slot_bytes(i) for i in self.streamed), default=0)
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)] if self.streamed else []
         self._slot_of: dict[int, int] = {}  # block -> slot holding it
         self._in_slot: list[Optional[int]] = [None, None]
@@ -230,11 +136,24 @@ class BlockStreamer:
 
     @property
     def host_bytes(self) -> int:
-        return sum(s.numel() for s in self._host_slab.values())
+        return self.source.host_bytes
+
+    @property
+    def store_bytes(self) -> int:
+        """Bytes the source keeps on the device (this rank's shards; 0 for host memory)."""
+        return self.source.device_bytes
 
     @property
     def slot_bytes(self) -> int:
         return sum(s.numel() for s in self._slots)
+
+    @property
+    def _host_slab(self) -> dict:
+        return getattr(self.source, "slabs", {})
+
+    @property
+    def _spill(self):
+        return getattr(self.source, "spill", None)
 
     # -- hooks
     def _install_hooks(self) -> None:
@@ -299,28 +218,28 @@ class BlockStreamer:
         slot = self._slot_of.pop(index)
         self._in_slot[slot] = None
         self._ready.pop(index, None)
-        _point_to(self._layouts[index], self._host[index])
+        point_to(self._layouts[index], self.source.resting(index))
 
     def _load(self, index: int, slot: int, queued) -> None:
-        """Copy block `index` into `slot` after the work queued so far (which may still read the slot)."""
-        src = self._host_slab[index]
-        dst = self._slots[slot][: src.numel()]
+        """Fill `slot` with block `index` after the work queued so far (which may still read the slot)."""
+        dst = self._slots[slot][: self.source.slot_bytes(index)]
         if self.cuda:
             with torch.cuda.stream(self._copy_stream):
                 self._copy_stream.wait_event(queued)
-                dst.copy_(src, non_blocking=True)
+                self.source.load_into(index, dst)
                 done = torch.cuda.Event()
                 done.record(self._copy_stream)
             self._ready[index] = done
         else:
-            dst.copy_(src)
+            self.source.load_into(index, dst)
         self.copies += 1
         self._slot_of[index] = slot
         self._in_slot[slot] = index
-        _point_to(self._layouts[index], _views(self._layouts[index], self._slots[slot]))
+        point_to(self._layouts[index], views(self._layouts[index], self._slots[slot]))
 
     def detach(self) -> None:
-        """Remove the hooks; streamed blocks end up in ordinary (pageable) host tensors."""
+        """Remove the hooks; streamed blocks end up in ordinary (pageable) host tensors (with a
+        `ShardedSource` every rank of its group must call this: the blocks are gathered)."""
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
         for h in self._handles:
@@ -329,13 +248,9 @@ class BlockStreamer:
         for index in list(self._slot_of):
             self._evict(index)
         for index, entries in self._layouts.items():
-            _point_to(entries, [t.clone() for t in self._host[index]])
-        self._host.clear()
-        self._host_slab.clear()
+            point_to(entries, self.source.restore(index))
+        self.source.close()
         self._slots = []
-        if self._spill is not None:
-            self._spill.close()
-            self._spill = None
         self.current = None
 
 
@@ -353,14 +268,14 @@ class ModulePlacer:
     def __init__(self, module: nn.Module, device: torch.device | str):
         self.module = module
         self.device = torch.device(device)
-        self.entries, size = _layout(module)
+        self.entries, size = layout(module)
         self.moves = self.device.type != "cpu"
         self.depth = 0
         if self.moves:
             slab = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-            self.host = _pack_into(self.entries, slab)
+            self.host = pack_into(self.entries, slab)
             self.slab = slab
-            _point_to(self.entries, self.host)
+            point_to(self.entries, self.host)
 
     @contextlib.contextmanager
     def on_device(self) -> Iterator[nn.Module]:
@@ -371,13 +286,13 @@ class ModulePlacer:
         try:
             if self.depth == 1:
                 buffer = self.slab.to(self.device, non_blocking=True)
-                _point_to(self.entries, _views(self.entries, buffer))
+                point_to(self.entries, views(self.entries, buffer))
                 del buffer
             yield self.module
         finally:
             self.depth -= 1
             if self.depth == 0:
-                _point_to(self.entries, self.host)
+                point_to(self.entries, self.host)
 
 
 # ---- the plan applied to the pipeline's models ----------------------------------------------
@@ -392,10 +307,18 @@ class Offloader:
     the pipeline wraps around every model call.
     """
 
-    def __init__(self, plan: OffloadPlan, device: torch.device | str, spill_dir: Optional[os.PathLike] = None):
+    def __init__(self, plan: OffloadPlan, device: torch.device | str, spill_dir: Optional[os.PathLike] = None,
+                 parallel=None):
         self.plan = plan
         self.device = torch.device(device)
         self.spill_dir = spill_dir
+        self.parallel = parallel  # runtime.parallel.ParallelContext: the ranks a sharded plan splits the blocks over
+        if plan.shards > 1 and (parallel is None or parallel.world != plan.shards):
+            from ..errors import InputError
+
+            have = 1 if parallel is None else parallel.world
+            raise InputError(f"This VRAM plan shards the DiT blocks over {plan.shards} ranks, but the job runs on "
+                             f"{have}; plan again for {have} rank(s) or start {plan.shards}.")
         self.streamer: Optional[BlockStreamer] = None
         self._placers: dict[int, ModulePlacer] = {}
 
@@ -416,7 +339,10 @@ class Offloader:
         """Stream the DiT's other blocks and place the other models as the plan says."""
         plan, dit = self.plan, components.dit
         streamed = range(plan.resident_blocks, len(dit.blocks))
-        if len(streamed):
+        if len(streamed) and plan.shards > 1:  # every rank of the job keeps 1/W of each block
+            source = ShardedSource(self.parallel.shard_weights(), self.device)
+            self.streamer = BlockStreamer(dit.blocks, self.device, streamed, source=source)
+        elif len(streamed):
             store = {"pinned": "pinned", "mmap": "mmap"}.get(plan.host_store, "plain")
             self.streamer = BlockStreamer(dit.blocks, self.device, streamed, store, self.spill_dir)
         # on the other ranks of a parallel job the encoders are not loaded (None): nothing to place

@@ -28,6 +28,12 @@ plus the float32 head output and its unpatchified copy, B L p 4 * 2 (p = patch v
 output channels), and with two speakers the routing map's q/k copy B L d s.
 Host memory: streamed blocks are held pinned when `host_ram_bytes` allows (else they stream
 from a memory-mapped file), plus the host copies of every model that is not GPU-resident.
+
+Several ranks (`shards` = W > 1, the ranks of one parallel job): a whole DiT per rank when it fits
+(every block resident); else, when it fits with the streamed blocks split over the ranks (each
+rank keeps ceil(block / W) bytes of every streamed block on its GPU, plus the two full slots the
+blocks are gathered into), a sharded plan (`OffloadPlan.shards` = W, as many blocks resident as
+fit); else every rank streams from its own host memory as one process would.
 """
 from __future__ import annotations
 
@@ -268,6 +274,7 @@ class OffloadPlan:
     host_bytes: int = 0
     pinned_bytes: int = 0
     reserve: int = 0
+    shards: int = 1  # > 1: the streamed blocks are split over this many ranks (host_store "shards")
 
     @property
     def streamed_blocks(self) -> int:
@@ -280,6 +287,15 @@ class OffloadPlan:
     @property
     def slot_bytes(self) -> int:
         return 2 * self.block_bytes if self.streams else 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards > 1 and self.streams
+
+    @property
+    def shard_bytes(self) -> int:
+        """Bytes of the streamed blocks each rank keeps on its GPU (0 unless sharded)."""
+        return self.streamed_blocks * math.ceil(self.block_bytes / self.shards) if self.sharded else 0
 
     @property
     def vram_bytes(self) -> int:
@@ -305,6 +321,8 @@ class OffloadPlan:
         lines = [
             f"VRAM plan for a budget of {gb(self.budget)} at {self.size}p (largest bucket {self.width}x{self.height}, "
             f"{self.tokens} tokens), {'fp8' if self.fp8 else 'no fp8'}, {self.speakers} speaker(s), {self.passes}-pass guidance:",
+            *([f"  DiT blocks sharded over {self.shards} ranks, gathered block by block through two slots "
+               f"({gb(self.shard_bytes)} of shards per rank)"] if self.sharded else []),
             f"  DiT: {self.resident_blocks}/{self.num_blocks} blocks resident, {self.streamed_blocks} streamed "
             f"({gb(self.block_bytes)} each{', two slots' if self.streams else ''}) from {self.store_text()}; "
             f"non-block parameters {gb(self.dit_fixed)} resident",
@@ -321,7 +339,8 @@ class OffloadPlan:
     def store_text(self) -> str:
         streamed = gb_text(self.streamed_blocks * self.block_bytes)
         return {"pinned": f"pinned host memory ({streamed})", "none": "nowhere",
-                "mmap": f"a memory-mapped file ({streamed} on disk; not enough host RAM to pin)"}[self.host_store]
+                "mmap": f"a memory-mapped file ({streamed} on disk; not enough host RAM to pin)",
+                "shards": f"the {self.shards} ranks' GPUs (1/{self.shards} of each block per rank)"}[self.host_store]
 
     def text_encoder_text(self) -> str:
         return {"resident": "resident", "gpu": "on the GPU only while it runs", "cpu": "runs on the CPU"}[self.text_encoder]
@@ -355,13 +374,16 @@ def plan_offload(
     frame_num: int = 81,
     host_ram_bytes: Optional[int] = None,
     batch: int = 1,
+    shards: int = 1,
 ) -> OffloadPlan:
     """The plan for a job of `size` (480/720: its largest bucket) under `budget_bytes` of VRAM.
 
     passes: model passes per step (3: cond / drop_text / uncond, two distinct prompts; 2: cond /
     drop_audio, one prompt). batch: samples per DiT forward (1 unless guidance branches are
-    batched). host_ram_bytes: host memory available (None: unlimited, pinned). Raises
-    `DeviceOutOfMemoryError` naming the smallest budget that fits when none of the knobs suffices.
+    batched). host_ram_bytes: host memory available (None: unlimited, pinned). shards: the ranks
+    the DiT blocks may be split over (the ranks of a parallel job; 1: never), used only when a
+    whole DiT does not fit (see the module docstring). Raises `DeviceOutOfMemoryError` naming the
+    smallest budget that fits when none of the knobs suffices.
     """
     from ..errors import DeviceOutOfMemoryError, InputError
 
@@ -378,8 +400,11 @@ def plan_offload(
     prompts = 2 if passes == 3 else 1
     n, b = models.num_blocks, models.dit_block
 
-    def phases(resident: int, text: str, encoders_resident: bool, tiled: bool, chunks: int, cache: str) -> dict:
-        dit = models.dit_fixed + resident * b + (2 * b if resident < n else 0)
+    def phases(resident: int, text: str, encoders_resident: bool, tiled: bool, chunks: int, cache: str,
+               split: int = 1) -> dict:
+        # streamed blocks: nothing on this GPU (host memory), or ceil(b / split) each (split over the ranks)
+        shards = (n - resident) * math.ceil(b / split) if split > 1 else 0
+        dit = models.dit_fixed + resident * b + shards + (2 * b if resident < n else 0)
         enc = models.clip + models.audio_encoder + models.vae if encoders_resident else 0
         t5 = models.text_encoder if text == "resident" else 0
         base = dit + enc + t5
@@ -394,14 +419,21 @@ def plan_offload(
             + vae_decode_bytes(models, height, width, frame_num, tiled),
         }
 
-    def first_fit(resident: int, encoders_resident: bool, text_choices) -> Optional[tuple]:
+    def first_fit(resident: int, encoders_resident: bool, text_choices, split: int = 1) -> Optional[tuple]:
         for text in text_choices:
             for tiled in (False, True):
                 for chunks in FFN_CHUNK_CHOICES:
                     for cache in ("context", "none"):
-                        if _fits(phases(resident, text, encoders_resident, tiled, chunks, cache), usable):
+                        if _fits(phases(resident, text, encoders_resident, tiled, chunks, cache, split), usable):
                             return text, tiled, chunks, cache
         return None
+
+    def most_resident(choice: tuple, split: int) -> int:
+        text, tiled, chunks, cache = choice
+        resident = 0
+        while resident < n and _fits(phases(resident + 1, text, False, tiled, chunks, cache, split), usable):
+            resident += 1
+        return resident
 
     # everything resident when it fits, else models per call and as many DiT blocks as fit
     choice = first_fit(n, True, ("resident",))
@@ -415,17 +447,24 @@ def plan_offload(
             f"budget of {budget / GiB:.1f} GB; give --vram {math.ceil(need / GiB * 10) / 10:g} or more"
             + (", use --fp8" if not models.fp8 else "") + (", or --size 480" if size == 720 else "") + "."
         )
+    resident = n if encoders_resident else most_resident(choice, 1)
+    split = 1
+    if resident < n and shards > 1:  # no whole DiT per rank: split the streamed blocks over the ranks if that fits
+        sharded = first_fit(0, False, ("gpu", "cpu"), shards)
+        if sharded is not None:
+            choice, split = sharded, shards
+            resident = most_resident(choice, split)
+            if resident == n:  # the knobs the split needed leave room for a whole DiT after all
+                split = 1
     text, tiled, chunks, cache = choice
-    resident = n if encoders_resident else 0
-    if not encoders_resident:
-        while resident < n and _fits(phases(resident + 1, text, False, tiled, chunks, cache), usable):
-            resident += 1
-    final = phases(resident, text, encoders_resident, tiled, chunks, cache)
-    streamed_bytes = (n - resident) * b
+    final = phases(resident, text, encoders_resident, tiled, chunks, cache, split)
+    streamed_bytes = (n - resident) * b if split == 1 else 0
     host_models = (models.text_encoder if text != "resident" else 0) + (
         0 if encoders_resident else models.clip + models.audio_encoder + models.vae
     )
-    if streamed_bytes == 0:
+    if split > 1:
+        store = "shards"
+    elif streamed_bytes == 0:
         store = "none"
     elif host_ram_bytes is None or streamed_bytes + host_models + HOST_MARGIN_BYTES <= host_ram_bytes:
         store = "pinned"
@@ -437,7 +476,7 @@ def plan_offload(
         passes=passes, num_blocks=n, resident_blocks=resident, dit_fixed=models.dit_fixed, block_bytes=b,
         ffn_chunks=chunks, cache_conditions=cache, vae_tiling=tiled, text_encoder=text,
         encoders_resident=encoders_resident, host_store=store, phases=final,
-        host_bytes=host_models + pinned, pinned_bytes=pinned, reserve=reserve,
+        host_bytes=host_models + pinned, pinned_bytes=pinned, reserve=reserve, shards=split,
     )
 
 

@@ -27,7 +27,12 @@ ranks share the work of each sampling step and agree on everything through colle
   while the others go on to the next window.
 * Weights: every rank holds the whole DiT (the 14B model fits one H200; with fp8 half of it).
   fp8 linears, LoRAs (merged at load) and compiled blocks are per-rank properties of the model
-  and compose unchanged; the fp8 attention gets the global q/k bounds.
+  and compose unchanged; the fp8 attention gets the global q/k bounds. When the VRAM budget
+  is below a whole DiT per rank, the plan may shard the blocks instead (`offload_plan`,
+  `block_store.ShardedSource`): each rank keeps 1/W of every streamed block and the block
+  streamer gathers a block into a slot just before it runs. The ranks must then load the same
+  blocks in the same order, so the job runs as one branch group (`shard_weights`): every rank
+  is a sequence rank of it (W must divide the heads), and `--branch-groups` above 1 is refused.
 
 `ParallelContext(group)` spans the ranks of a process group (default: the whole world), so
 several jobs (or tests) can run side by side on disjoint rank sets of one world.
@@ -69,13 +74,25 @@ def layout_fits(world: int, g: int, branches: int, heads: int, frames: int) -> b
     return world % g == 0 and g <= branches and heads % (world // g) == 0 and world // g <= frames
 
 
-def plan_layout(world: int, branches: int, heads: int, frames: int, branch_groups: Optional[int] = None) -> Layout:
+def plan_layout(world: int, branches: int, heads: int, frames: int, branch_groups: Optional[int] = None,
+                sharded: bool = False) -> Layout:
     """The layout of `world` ranks for `branches` guidance branches, `heads` heads, `frames` latent frames.
 
+    sharded: the DiT blocks are split over the ranks, which then form one branch group.
     Raises InputError (one sentence, with the rank counts that work) when none fits.
     """
     if world < 1:
         raise InputError(f"The number of GPUs must be at least 1, got {world}.")
+    if sharded:
+        check_sharded_groups(world, branch_groups)
+        if not layout_fits(world, 1, branches, heads, frames):
+            raise InputError(
+                f"{world} GPUs cannot share this job with the DiT blocks sharded over them: they must all be sequence "
+                f"ranks of one branch group, so their number must divide the model's {heads} attention heads and be "
+                f"at most the job's {frames} latent frames; use fewer GPUs or a --vram budget that fits the whole "
+                f"DiT on each GPU."
+            )
+        return Layout(1, world)
     options = [g for g in range(1, world + 1) if layout_fits(world, g, branches, heads, frames)]
     if branch_groups is not None:
         if branch_groups not in options:
@@ -98,6 +115,16 @@ def plan_layout(world: int, branches: int, heads: int, frames: int, branch_group
 
     best = min(options, key=cost)
     return Layout(best, world // best)
+
+
+def check_sharded_groups(world: int, branch_groups: Optional[int]) -> None:
+    """Raise InputError when `branch_groups` was forced above 1 while the DiT blocks are sharded."""
+    if branch_groups not in (None, 1):
+        raise InputError(
+            f"--branch-groups {branch_groups} needs a whole DiT on every GPU, but under this VRAM budget the DiT "
+            f"blocks are sharded over the {world} GPUs, which then run as one branch group; leave out "
+            f"--branch-groups (or give 1), or give a --vram budget that fits the whole DiT on each GPU."
+        )
 
 
 def model_heads(model: str) -> int:
@@ -134,6 +161,8 @@ class ParallelContext:
         backend = dist.get_backend(group)
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self._groups: dict[tuple[int, ...], Any] = {}
+        self.weights_sharded = False  # the DiT blocks are split over these ranks (`shard_weights`)
+        self._shard_group = None
 
     @property
     def is_leader(self) -> bool:
@@ -154,7 +183,24 @@ class ParallelContext:
         return found
 
     def layout(self, branches: int, heads: int, frames: int) -> Layout:
-        return plan_layout(self.world, branches, heads, frames, self.branch_groups)
+        return plan_layout(self.world, branches, heads, frames, self.branch_groups, self.weights_sharded)
+
+    def shard_weights(self):
+        """Mark the DiT blocks as sharded over every rank of this context and return the process
+        group their gathers use (its own communicator, so on NCCL the gathers on the streamer's
+        side stream do not queue behind the sequence-parallel all-to-alls). From then on every
+        window runs as one branch group; InputError when `branch_groups` forces more."""
+        check_sharded_groups(self.world, self.branch_groups)
+        self.weights_sharded = True
+        if self._shard_group is None:
+            self._shard_group = dist.new_group(self.ranks, use_local_synchronization=True)
+        return self._shard_group
+
+    def agree_min(self, value: int) -> int:
+        """The smallest `value` over the ranks (every rank plans its memory with the same budget)."""
+        box = torch.tensor([int(value)], dtype=torch.int64, device=self.comm_device)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN, group=self.group)
+        return int(box.item())
 
     def guided_dit(self, model, branches: Sequence[str], **kwargs) -> "ParallelGuidedDiT":
         """A `ParallelGuidedDiT` for one window (arguments as `GuidedDiT`)."""
