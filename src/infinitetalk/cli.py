@@ -382,18 +382,12 @@ def _cancelled_message(output: str, windows: Optional[int], done: Optional[int],
 
 
 def _parallel_world(args: argparse.Namespace, spec) -> int:
-    """The job's rank count (--gpus or torchrun), its layout checked before anything starts."""
+    """The job's rank count (--gpus or torchrun), its layout checked (by the service) before anything starts."""
     from .runtime.parallel_launch import requested_world
-    from .service.runner import resolve_config
+    from .service.runner import check_layout
 
     world = requested_world(getattr(args, "gpus", None))
-    if world > 1 or getattr(args, "branch_groups", None):
-        cfg = resolve_config(spec)
-        from .generation.guidance import branches_for
-        from .runtime.parallel import model_heads, plan_layout
-
-        plan_layout(world, len(branches_for(cfg.text_guide_scale)), model_heads(args.model), cfg.latent_frames,
-                    args.branch_groups)
+    check_layout(spec, world, getattr(args, "branch_groups", None))
     return world
 
 

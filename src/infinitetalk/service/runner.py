@@ -100,6 +100,19 @@ def resolve_config(spec: JobSpec) -> GenerationConfig:
     return config_for(spec.runtime.model, base, **settings)
 
 
+def check_layout(spec: JobSpec, world: int, branch_groups: Optional[int] = None) -> None:
+    """Whether `world` ranks (and the forced `branch_groups`) can share this job: InputError if not.
+    A front end asks this before it starts the ranks (`infinitetalk generate --gpus N`)."""
+    if world <= 1 and not branch_groups:
+        return
+    from ..generation.guidance import branches_for
+    from ..runtime.parallel import model_heads, plan_layout
+
+    cfg = resolve_config(spec)
+    plan_layout(world, len(branches_for(cfg.text_guide_scale)), model_heads(spec.runtime.model), cfg.latent_frames,
+                branch_groups)
+
+
 def build_request(spec: JobSpec):
     """The GenerationRequest of a job (input JSON first, explicit fields on top)."""
     from ..generation.inputs import GenerationRequest, read_input_json
