@@ -298,9 +298,16 @@ def test_two_speakers_boxes_by_clicking_the_picture(page):
     canvas = page.locator("#it-box-canvas img")
     canvas.wait_for(timeout=30_000)
     box = canvas.bounding_box()
+    hint = page.locator("#it-box-hint")
     for fx, fy in ((0.05, 0.1), (0.45, 0.9), (0.55, 0.1), (0.95, 0.9)):
+        # one click at a time: the page ignores a click while the last one is being handled, so
+        # wait (bounded) until it answered: a new hint and the picture redrawn with the corner
+        before, src = hint.inner_text(), canvas.get_attribute("src")
         canvas.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
-        time.sleep(0.8)
+        deadline = time.monotonic() + 30
+        while hint.inner_text() == before or canvas.get_attribute("src") == src:
+            assert time.monotonic() < deadline, f"the click at {fx},{fy} was not answered: {hint.inner_text()!r}"
+            time.sleep(0.1)
     b1 = page.locator("#it-box1 textarea, #it-box1 input").first.input_value()
     b2 = page.locator("#it-box2 textarea, #it-box2 input").first.input_value()
     from PIL import Image

@@ -77,7 +77,7 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
                                             elem_id="it-box-mode")
                         box_canvas = gr.Image(label="Speaker boxes (click two corners per speaker)", type="pil",
                                               interactive=False, elem_id="it-box-canvas")
-                        box_hint = gr.Markdown(F.BoxClicks().hint())
+                        box_hint = gr.Markdown(F.BoxClicks().hint(), elem_id="it-box-hint")
                         with gr.Row():
                             box1 = gr.Textbox(label="Box of speaker 1 (x_min,y_min,x_max,y_max)", elem_id="it-box1")
                             box2 = gr.Textbox(label="Box of speaker 2", elem_id="it-box2")
