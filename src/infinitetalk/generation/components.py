@@ -103,8 +103,12 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs (official param dtype), float32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bfloat16 on GPUs (official param dtype), float16 on GPUs without bf16 arithmetic (compute
+    capability below 8.0, e.g. Colab's T4), float32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.bfloat16 if torch.cuda.get_device_capability(index) >= (8, 0) else torch.float16
 
 
 @dataclass
