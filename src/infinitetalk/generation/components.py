@@ -231,10 +231,10 @@ def official_components(
     text = load_text_encoder(layout.t5, layout.t5_tokenizer, device=place, dtype=dtype) if encoders else None
     clip = load_clip_vision(layout.clip, device=place, dtype=clip_dtype).eval() if encoders else None
     vae_fast = None
-    if fast and device.type == "cuda":
+    if fast and device.type == "cuda" and default_dtype(device) == torch.bfloat16:
         from ..models.vae import VAEFastOptions
 
-        vae_fast = VAEFastOptions()  # with the VAE in bf16
+        vae_fast = VAEFastOptions()  # with the VAE in bf16 (GPUs with bf16 arithmetic; else the float32 VAE)
     vae_dtype = torch.bfloat16 if vae_fast is not None else torch.float32
     vae = load_vae(layout.vae, device=place, dtype=vae_dtype).eval()
     audio = (load_audio_encoder(layout.wav2vec2, device=place, dtype=torch.float32, config_dir=layout.audio_config)
