@@ -9,9 +9,12 @@ for the whole session) prints the combined totals once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -218,3 +221,17 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     idat = zlib.compress(b"\x00" * 64)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Files written by this process may not grow past `limit` bytes (writes fail with EFBIG, as
+    on a full disk); the default answer to SIGXFSZ (ending the process) is turned off meanwhile."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import shutil
-import signal
 from pathlib import Path
 
 import av
 import pytest
 
+from faults import file_size_limit
 from infinitetalk.cli import build_parser, main
 from infinitetalk.errors import InputError
 from infinitetalk.generation.job_state import JobDir
@@ -233,20 +232,6 @@ def test_interrupted_batch_continues_where_it_stopped(job_folder, capsys):
     assert not JobDir(out / "cleo.mp4").exists()
 
 
-@contextlib.contextmanager
-def _file_size_limit(limit: int):
-    """Files written by this process may not grow past `limit` bytes (writes fail with EFBIG, as
-    on a full disk); the default answer to SIGXFSZ (ending the process) is turned off meanwhile."""
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old_handler)
-
-
 def test_job_failing_while_generating_is_reported_and_the_batch_goes_on(job_folder):
     for name in ("bob.jpg", "bob.wav"):
         (job_folder / name).unlink()
@@ -261,7 +246,7 @@ def test_job_failing_while_generating_is_reported_and_the_batch_goes_on(job_fold
 
         def job_started(self, index, planned, status):
             if planned.job.name == "anna":
-                stack.enter_context(_file_size_limit(16 * 1024))
+                stack.enter_context(file_size_limit(16 * 1024))
 
         def job_event(self, planned, event, status):
             if isinstance(event, StepFinished):

@@ -14,9 +14,7 @@
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -28,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from faults import REPO, Inputs, run_cli, run_cli_process, sha, verdict, write_wav
+from faults import REPO, Inputs, file_size_limit, run_cli, run_cli_process, sha, verdict, write_wav
 from infinitetalk.errors import JobCancelledError
 from infinitetalk.progress import CancelToken, WindowFinished
 from infinitetalk.service import JobService, JobSpec, RuntimeOptions
@@ -163,7 +161,7 @@ def test_interrupted_job_kept_damage_refused_resume_identical(media, tmp_path, t
     shutil.rmtree(job)
     shutil.copytree(pristine, job)
     tally.tried += 1
-    with _file_size_limit(max(p.stat().st_size for p in job.iterdir()) + 1):
+    with file_size_limit(max(p.stat().st_size for p in job.iterdir()) + 1):
         with pytest.raises(Exception) as info:
             service.run(_spec(media, out, resume=True))
     assert type(info.value).__name__ == "StorageError" and "--resume" in str(info.value), info.value
@@ -211,19 +209,6 @@ def _popen(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "infinitetalk.cli", "generate", *[str(a) for a in args]],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
-
-
-@contextlib.contextmanager
-def _file_size_limit(limit):
-    """Files written by this process may not grow past `limit` bytes (writes fail with EFBIG)."""
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 @pytest.mark.slow

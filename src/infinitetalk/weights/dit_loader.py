@@ -21,7 +21,7 @@ import torch
 from ..devices import resolve_device
 from ..errors import CheckpointError, MissingWeightsError
 from ..models.dit import InfiniteTalkDiT, WanDiTConfig
-from .materialize import PICKLE_EXT, SAFETENSORS_EXT, materialize, open_weights
+from .materialize import SAFETENSORS_EXT, materialize, open_weights
 
 log = logging.getLogger(__name__)
 
