@@ -166,6 +166,11 @@ class Job:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @property
+    def cache_conditions(self) -> str:
+        """As the pipeline runs it: text/CLIP keys and values cached unless the plan recomputes them."""
+        return "none" if self.plan is not None and self.plan.cache_conditions == "none" else "context"
+
     # -- measures
     def guided(self, speakers: int, branches=("cond",)):
         h, w = self.hw
@@ -174,7 +179,8 @@ class Job:
         y = torch.randn(self.cfg.in_dim - 16, t_lat, h // 8, w // 8, generator=gen, device=self.device)
         clip_fea = torch.randn(1, 257, self.cfg.clip_dim, generator=gen, device=self.device).to(self.dtype)
         guided = GuidedDiT(self.dit, branches, context=self.context, context_null=self.context_null, clip_fea=clip_fea,
-                           y=y, audio=self.audio[speakers].to(self.dtype), ref_target_masks=self.masks if speakers == 2 else None)
+                           y=y, audio=self.audio[speakers].to(self.dtype), ref_target_masks=self.masks if speakers == 2 else None,
+                           cache_conditions=self.cache_conditions)
         latent = torch.randn(16, t_lat, h // 8, w // 8, generator=gen, device=self.device)
         return guided, latent
 
@@ -209,7 +215,8 @@ class Job:
             guided = GuidedDiT(self.dit, Guidance.from_config(cfg).branches, context=self.context,
                                context_null=self.context_null, clip_fea=clip_fea, y=y,
                                audio=self.audio[speakers].to(self.dtype),
-                               ref_target_masks=self.masks if speakers == 2 else None)
+                               ref_target_masks=self.masks if speakers == 2 else None,
+                               cache_conditions=self.cache_conditions)
             latent = sample_window(guided.predict_branch, noise, motion, 1, cfg, gen, first_window=True)
             del guided
             with self.placed(self.vae):

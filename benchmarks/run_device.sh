@@ -28,6 +28,12 @@ export INFINITETALK_COMMIT=${INFINITETALK_COMMIT:-$(cat .bench/COMMIT 2>/dev/nul
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 what=${1:-480}
+step() {  # step SECONDS CMD...: run under a time limit, warnings dropped, with the seconds it took
+  local limit=$1; shift; local t0=$SECONDS
+  echo "=== $* (limit ${limit} s)"
+  timeout "$limit" "$@" 2>&1 | grep -v -i -E "warn|^ *$" | tail -${STEP_TAIL:-14}
+  echo "=== took $((SECONDS - t0)) s (exit ${PIPESTATUS[0]})"
+}
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
 case "$what" in
@@ -179,6 +185,25 @@ case "$what" in
   v13d)  # GGUF Q8_0 / Q4_K vs bf16; the parallel code path at world size 1 vs the plain path
     python3 benchmarks/bench_gguf.py --dir /tmp/gguf --warmup 1 --reps 2 --out "$OUT/gguf_v13.json" 2>&1 | grep -v -i "warn" | tail -6
     python3 benchmarks/bench_parallel.py --gpus 1 --steps 2 --repeat 4 --out "$OUT/parallel_w1_v13.json" 2>&1 | grep -v -i "warn" | tail -12
+    ;;
+  v14a)  # 480p fp8 under 6 GB (1 and 2 speakers, window, pinned vs pageable); 720p fp8 under 12 GB; small offload GPU tests
+    step 330 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1,2 --reps 2 \
+      --out "$OUT/offload_480_fp8.json"
+    step 200 python3 benchmarks/bench_offload.py --size 720 --dtype fp8 --budgets 12 --speakers 1 --reps 2 --no-window \
+      --no-pageable --out "$OUT/offload_720_fp8.json"
+    step 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py -k "placer or tiny_pipeline"
+    ;;
+  v14b)  # 480p bf16 under 8 GB (one speaker, window); 720p bf16 under 16 GB (DiT forwards)
+    step 350 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 2 --no-pageable \
+      --out "$OUT/offload_480_bf16.json"
+    step 230 python3 benchmarks/bench_offload.py --size 720 --dtype bf16 --budgets 16 --speakers 1 --reps 2 --no-window \
+      --no-pageable --out "$OUT/offload_720_bf16.json"
+    ;;
+  v14c)  # GGUF Q8_0 / Q4_K vs bf16; the streamed 14B forward bit-identical (GPU tests); the parallel path at world size 1
+    step 330 python3 benchmarks/bench_gguf.py --dir /tmp/gguf --warmup 1 --reps 2 --out "$OUT/gguf.json"
+    rm -rf /tmp/gguf
+    step 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py -k "not placer and not tiny_pipeline"
+    step 100 python3 benchmarks/bench_parallel.py --gpus 1 --steps 2 --repeat 4 --out "$OUT/parallel_w1.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
