@@ -66,6 +66,20 @@ def open_clip_weights(path: os.PathLike | str) -> LazyStateDict:
     return source
 
 
+def infer_clip_config(source: LazyStateDict) -> CLIPVisionConfig:
+    """ViT-H/14 (the release) when the file's `pos_embedding` has its width and token count, else
+    `CLIPVisionConfig.from_shapes` (heads at the ViT-H head width 80, all blocks but the last used).
+    The release's sizes are kept for its own files since a visual-only copy may lack the last
+    block; a file without the keys keeps them too (the strict load then names what is absent)."""
+    base = CLIPVisionConfig()
+    if "pos_embedding" not in source or tuple(source.shape("pos_embedding"))[1:] == (base.num_tokens, base.dim):
+        return base
+    try:
+        return CLIPVisionConfig.from_shapes({k: source.shape(k) for k in source.keys()})
+    except ValueError:
+        return base
+
+
 def load_clip_vision(
     path: os.PathLike | str,
     config: Optional[CLIPVisionConfig] = None,
@@ -74,12 +88,13 @@ def load_clip_vision(
 ) -> CLIPVisionEncoder:
     """Build the CLIP visual tower from the official file, on `device` in `dtype`.
 
-    `config` defaults to ViT-H/14 with 31 of 32 blocks used (the 14B release). Raises
-    MissingWeightsError when the file is absent and CheckpointError (naming the file and key)
-    when it is damaged, incomplete or of another model.
+    `config` defaults to ViT-H/14 with 31 of 32 blocks used (the 14B release), or, for a file
+    whose width or token count differ from it, the sizes read from its shapes (`infer_clip_config`).
+    Raises MissingWeightsError when the file is absent and CheckpointError (naming the file and
+    key) when it is damaged, incomplete or of another model.
     """
-    cfg = config or CLIPVisionConfig()
     source = open_clip_weights(path)
+    cfg = config or infer_clip_config(source)
     with torch.device("meta"):
         model = CLIPVisionEncoder(cfg)
     log.info("loading CLIP visual tower from %s (%d of %d blocks)", path, cfg.num_used_layers, cfg.num_layers)

@@ -68,11 +68,12 @@ def load_umt5_encoder(
 ) -> UMT5Encoder:
     """Build the umT5 encoder from the official `.pth` or any umT5 file `open_t5_weights` reads.
 
-    `config` defaults to umT5-XXL (the 14B release). Raises MissingWeightsError when the file is
-    absent and CheckpointError (naming file and key) when it is damaged, incomplete or another model.
+    `config` defaults to the sizes read from the file (`infer_umt5_config`: umT5-XXL for the 14B
+    release). Raises MissingWeightsError when the file is absent and CheckpointError (naming file
+    and key) when it is damaged, incomplete or another model.
     """
-    cfg = config or UMT5Config()
     source = open_t5_weights(path)
+    cfg = config or infer_umt5_config(source)
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
     log.info("loading umT5 encoder from %s (%d layers, dim %d) as %s", path, cfg.num_layers, cfg.dim, dtype)
@@ -89,6 +90,34 @@ def open_t5_weights(path: os.PathLike | str):
     if not Path(path).is_file():
         return open_weights([path])  # the not-found error of the official loader
     return float_weights(open_component(path, "t5"))
+
+
+def infer_umt5_config(source, base: Optional[UMT5Config] = None) -> UMT5Config:
+    """The umT5 sizes of a file, read from its tensor shapes (`base`, default umT5-XXL, for what
+    the file lacks): vocabulary and width from the token embedding, attention and feed-forward
+    widths, layer count, position buckets and heads (the relative-position table is
+    [buckets, heads]). `text_len` is not stored in a file and stays at `base`'s (512)."""
+    import dataclasses
+    import re
+
+    base = base or UMT5Config()
+    shape = source.shape
+    changes: dict = {}
+    if "token_embedding.weight" in source:
+        changes["vocab_size"], changes["dim"] = shape("token_embedding.weight")
+    if "blocks.0.attn.q.weight" in source:
+        changes["dim_attn"] = shape("blocks.0.attn.q.weight")[0]
+    if "blocks.0.ffn.fc1.weight" in source:
+        changes["dim_ffn"] = shape("blocks.0.ffn.fc1.weight")[0]
+    blocks = {int(m.group(1)) for k in source.keys() if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if blocks:
+        changes["num_layers"] = max(blocks) + 1
+    for key, shared in (("pos_embedding.embedding.weight", True), ("blocks.0.pos_embedding.embedding.weight", False)):
+        if key in source:
+            changes["num_buckets"], changes["num_heads"] = shape(key)
+            changes["shared_pos"] = shared
+            break
+    return dataclasses.replace(base, **{k: (int(v) if k != "shared_pos" else v) for k, v in changes.items()})
 
 
 def load_tokenizer(directory: Optional[os.PathLike | str], config: UMT5Config) -> UMT5Tokenizer | ByteTokenizer:
@@ -111,7 +140,10 @@ def load_text_encoder(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
 ) -> TextEncoder:
-    """Tokenizer + encoder, ready for `encode(prompts)`. No tokenizer folder -> byte tokenizer (tiny only)."""
-    cfg = config or UMT5Config()
+    """Tokenizer + encoder, ready for `encode(prompts)`. No tokenizer folder -> byte tokenizer (tiny only).
+    `config` defaults to the sizes read from the file's tensor shapes (`infer_umt5_config`)."""
+    cfg = config
+    if cfg is None:  # only the headers are read; a missing file keeps XXL and fails at the load below
+        cfg = infer_umt5_config(open_t5_weights(checkpoint)) if Path(checkpoint).is_file() else UMT5Config()
     tokenizer = load_tokenizer(tokenizer_dir, cfg)  # checked first: cheap, and fails before 11 GB are read
     return TextEncoder(tokenizer, load_umt5_encoder(checkpoint, cfg, device=device, dtype=dtype))
