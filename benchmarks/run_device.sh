@@ -205,5 +205,24 @@ case "$what" in
     step 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py -k "not placer and not tiny_pipeline"
     step 100 python3 benchmarks/bench_parallel.py --gpus 1 --steps 2 --repeat 4 --out "$OUT/parallel_w1.json"
     ;;
+  v15a)  # 480p fp8 under 6 GB (1 and 2 speakers, window, pinned vs pageable); GGUF Q8_0 / Q4_K vs bf16
+    step 330 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1,2 --reps 2 \
+      --out "$OUT/offload_480_fp8.json"
+    step 250 python3 benchmarks/bench_gguf.py --dir /tmp/gguf --warmup 1 --reps 2 --out "$OUT/gguf.json"
+    ;;
+  v15b)  # 480p bf16 under 8 GB (window); 720p fp8 under 12 GB and bf16 under 16 GB (DiT forwards)
+    step 280 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 2 --no-pageable \
+      --out "$OUT/offload_480_bf16.json"
+    step 150 python3 benchmarks/bench_offload.py --size 720 --dtype fp8 --budgets 12 --speakers 1 --reps 1 --no-window \
+      --no-pageable --out "$OUT/offload_720_fp8.json"
+    step 150 python3 benchmarks/bench_offload.py --size 720 --dtype bf16 --budgets 16 --speakers 1 --reps 1 --no-window \
+      --no-pageable --out "$OUT/offload_720_bf16.json"
+    ;;
+  v15c)  # offload GPU tests; the random 14B layout through `generate --vram 8`; the parallel path at world size 1
+    step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py
+    step 200 python3 benchmarks/random_layout.py --out /tmp/w14
+    STEP_TAIL=30 step 170 python3 -m infinitetalk generate --weights /tmp/w14 --vram 8 --image "$INFINITETALK_SHARED/media/portrait.png" \
+      --audio "$INFINITETALK_SHARED/media/speaker1.wav" --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4"
+    ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

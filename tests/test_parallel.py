@@ -13,6 +13,7 @@ and fp8 linears are covered at the DiT level (`test_dit_predictions_equal_one_pr
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import multiprocessing
 
@@ -175,7 +176,7 @@ def test_a_failing_rank_ends_the_job_with_its_sentence():
     assert err.value.exit_code == 2
 
 
-def _model_parity(fp8: bool):
+def _model_parity(fp8: bool, compile_blocks: bool = False):
     from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig
     from infinitetalk.generation.guided_dit import GuidedDiT
     from infinitetalk.runtime.fast import FastOptions, make_fast
@@ -188,7 +189,7 @@ def _model_parity(fp8: bool):
         from infinitetalk.quant.fp8 import quantize_dit
 
         quantize_dit(model)
-    make_fast(model, FastOptions(compile_blocks=False, sdpa_backends=None))  # float32 RoPE table, fused map
+    make_fast(model, FastOptions(compile_blocks=compile_blocks, sdpa_backends=None))  # float32 RoPE table, fused map
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(16, 5, 4, 8, generator=g), torch.randn(20, 5, 4, 8, generator=g)
     masks = torch.zeros(3, 4, 8)
@@ -224,6 +225,22 @@ def test_dit_predictions_equal_one_process(fp8):
             assert rel <= bound, (groups, branch, rel)
     rel = (got["raw"] - want["cond"]).abs().max().item() / want["cond"].abs().max().item()
     assert rel <= bound, rel
+
+
+@pytest.mark.slow
+def test_compiled_blocks_across_ranks():
+    """Compiled blocks (inductor, CPU) on 2 ranks: the collectives sit outside the compiled regions
+    (`torch.compiler.disable`), so the compiled sequence-parallel and branch-parallel forwards
+    equal the compiled one-process forward to float32 round-off."""
+    # Every compilation runs in a spawned process: a rank forked from a process whose inductor has
+    # started its compile workers can hang, and the later tests of this session fork their ranks.
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        want = pool.submit(_model_parity, False, True).result(timeout=300)
+    got = run_ranks(_model_parity, (False, True), world=2, device="cpu", start_method="spawn")
+    for groups in (1, 2):
+        for branch, pred in want.items():
+            rel = (got[groups][branch] - pred).abs().max().item() / pred.abs().max().item()
+            assert rel <= 1e-5, (groups, branch, rel)
 
 
 def _world_of_one():
