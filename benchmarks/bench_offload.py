@@ -201,14 +201,15 @@ class Job:
     def window_s(self, speakers: int = 1) -> float:
         cfg, device = self.gcfg, self.device
         tiling = self.plan.decode_tiling() if self.plan is not None else None
+        chunk = 1 if self.plan is not None and self.plan.vae_chunk_latents == 1 else None  # as the pipeline does
         with torch.inference_mode():
             _sync(device)
             start = time.perf_counter()
             with self.placed(self.clip):
                 clip_fea = self.clip(self.cond[None].to(device, next(self.clip.parameters()).dtype)).to(self.dtype)
             with self.placed(self.vae):
-                y = image_condition(self.vae, self.cond, cfg.frame_num, None, self.vae_fast).to(device)
-                motion = motion_latent(self.vae, self.cond, None, self.vae_fast).to(device)
+                y = image_condition(self.vae, self.cond, cfg.frame_num, chunk, self.vae_fast).to(device)
+                motion = motion_latent(self.vae, self.cond, chunk, self.vae_fast).to(device)
             h, w = self.hw
             gen = torch.Generator(device=device).manual_seed(0)
             noise = draw_window_noise((16, cfg.latent_frames, h // 8, w // 8), gen, device)
@@ -220,7 +221,7 @@ class Job:
             latent = sample_window(guided.predict_branch, noise, motion, 1, cfg, gen, first_window=True)
             del guided
             with self.placed(self.vae):
-                video = self.vae.decode(latent[None], fast=self.vae_fast, tiling=tiling)[0].float()
+                video = self.vae.decode(latent[None], chunk_latents=chunk, fast=self.vae_fast, tiling=tiling)[0].float()
             video = match_and_blend_colors(video, self.cond.to(device), cfg.color_correction_strength)
             ((video + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()
             _sync(device)

@@ -20,6 +20,8 @@ from infinitetalk.runtime.offload_plan import (
     OffloadModels,
     min_budget,
     plan_offload,
+    vae_encode_bytes,
+    vae_step_frames,
 )
 
 CFG = WanDiTConfig.infinitetalk_14b()
@@ -95,17 +97,20 @@ def _phases(m: OffloadModels, plan, size: int) -> dict:
     act = max(n * D * (6 * s + 8), n * D * (2 * s + 8) + chunk * (F * (2 * s + (1 if m.fp8 else 0)) + D * s))
     act += n * 4 * 16 * 4 * 2 + (n * D * s if plan.speakers == 2 else 0)
     out = 3 * 81 * h * w * 4
+    frames = 4 * plan.vae_chunk_latents + 2  # one VAE step: its latent frames' video frames + 2 cache frames
     if plan.vae_tiling:
         side = (32 + 12) * 8
-        vae = out + 5 * 96 * 6 * min(h, side) * min(w, side) * 2 + 192 * 21 * (h // 4) * (w // 4) * 2
+        vae = out + 5 * 96 * frames * min(h, side) * min(w, side) * 2 + 192 * 21 * (h // 4) * (w // 4) * 2
     else:
-        vae = out + 5 * 96 * 6 * h * w * 2
+        vae = out + 5 * 96 * frames * h * w * 2
+    encode = 3 * 81 * h * w * 4 + 5 * 96 * frames * h * w * 2
     text = {"resident": 0, "gpu": m.text_encoder, "cpu": 0}[plan.text_encoder]
     text_act = 0 if plan.text_encoder == "cpu" else 2 * 512 * (2 * 10240 + 4 * 4096) * s
     return {
         "text": base + text + text_act,
         "audio": base + per_call * m.audio_encoder + int(m.audio_encoder * ENCODER_ACTIVATION_FRACTION),
         "clip": base + per_call * m.clip + int(m.clip * ENCODER_ACTIVATION_FRACTION),
+        "encode": base + per_call * m.vae + encode,
         "sampling": base + cond + act,
         "vae": base + per_call * m.vae + vae,
     }
@@ -139,11 +144,12 @@ def test_plans_for_every_budget(models, size, fp8, speakers, passes):
         if previous is not None:  # more memory never means more chunking, tiling or CPU work
             order = ("cpu", "gpu", "resident")
             assert order.index(plan.text_encoder) >= order.index(previous.text_encoder)
-            knobs = ("text_encoder", "ffn_chunks", "vae_tiling", "cache_conditions", "encoders_resident")
+            knobs = ("text_encoder", "ffn_chunks", "vae_tiling", "vae_chunk_latents", "cache_conditions", "encoders_resident")
             if all(getattr(plan, k) == getattr(previous, k) for k in knobs):
                 assert plan.resident_blocks >= previous.resident_blocks
             assert plan.ffn_chunks <= previous.ffn_chunks
             assert not (plan.vae_tiling and not previous.vae_tiling)
+            assert plan.vae_chunk_latents >= previous.vae_chunk_latents
         previous = plan
         assert f"{plan.resident_blocks}/40 blocks resident" in plan.describe()
     assert previous is not None and previous.encoders_resident and previous.resident_blocks == 40  # 140 GB
@@ -236,3 +242,18 @@ def test_info_prints_the_plan(capsys):
     assert main(["info", "--vram", "6", "--size", "720"]) == 2
     err = capsys.readouterr().err
     assert "error: A 720p job needs at least" in err and "--vram" in err and "Traceback" not in err
+
+
+def test_vae_step_model_covers_the_measured_encode(models):
+    """Measured on nvidia-h100-x1 (benchmarks/results/2026-12-07_h100_057d57f_offload_480_fp8_8-6_window_oom.*):
+    the window's conditioning encode at 480p (1088x384) with 4 latent frames per VAE step held 5.3 GiB of
+    activations and asked for 1.2 GiB more (one 96-channel, 18-frame activation) when the 8 GB cap stopped it,
+    a phase the plans of that run did not have. The model must cover at least that, and a 6 GB plan must
+    then take the one-latent step (a third of the activations)."""
+    m = models[True]
+    h, w = 1088, 384
+    assert vae_encode_bytes(m, h, w, 81, chunk_latents=4) >= (5.3 + 1.2) * GiB
+    assert vae_step_frames(4) == 18 and 96 * 18 * h * w * 2 >= 1.2 * GiB  # the activation the GPU asked for
+    plan = plan_offload(m, 6 * GiB, size=480, speakers=2, passes=2)
+    assert plan.vae_chunk_latents == 1 and plan.phases["encode"] <= 6 * GiB * (1 - RESERVE_FRACTION)
+    assert plan_offload(m, 140 * GiB, size=480).vae_chunk_latents == 4  # room: the full VAE step

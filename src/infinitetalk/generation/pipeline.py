@@ -238,6 +238,8 @@ class InfiniteTalk:
             log.warning("fp8 attention is part of the fast path; with fast=False the self-attention stays in %s.", dt)
         if offload is not None:
             components.dit.ffn_chunks = offload.plan.ffn_chunks
+            if offload.plan.vae_chunk_latents == 1:  # the budget needs the official one-latent VAE step
+                components.vae_chunk_latents = 1
             offload.attach(components)
             components.offload = offload
         if parallel is not None:

@@ -9,11 +9,17 @@ Memory is accounted per phase of a job; the GPU holds, in every phase, the DiT's
 parameters, its resident blocks and (when any block streams) two block slots:
 * "text": + umT5 parameters and activations (or nothing when umT5 runs on the CPU);
 * "audio", "clip": + wav2vec2 / CLIP parameters and `ENCODER_ACTIVATION_FRACTION` of them;
+* "encode": + VAE parameters + the encode's activations (the window's conditioning video: the
+  reference frame and zeros, and the motion frames);
 * "sampling": + the cached text/CLIP keys and values + one DiT forward's activations;
 * "vae": + VAE parameters + the decode's activations (whole frames, or tiles with `DecodeTiling`).
+The VAE runs `vae_chunk_latents` latent frames (4 x that many video frames, plus 2 causal cache
+frames) per step: 4 (`VAEFastOptions.chunk_latents`, fewer launches) or 1 (the official step, a
+third of the activation memory).
 The knobs that cost time are switched on only where a phase needs them, cheapest first:
-umT5 on the CPU (text phase), VAE tiled decode (vae phase), FFN chunks and then uncached
-conditions (sampling phase); every byte left then holds resident DiT blocks. A fraction
+umT5 on the CPU (text phase), one latent frame per VAE step and then the tiled decode (encode
+and vae phases), FFN chunks and then uncached conditions (sampling phase); every byte left then
+holds resident DiT blocks. A fraction
 `RESERVE_FRACTION` of the budget stays free for allocator rounding and kernel workspaces.
 
 Activation model of one DiT forward (B samples of L tokens, width d, FFN width f, s bytes per
@@ -55,7 +61,9 @@ FFN_CHUNK_CHOICES = (1, 2, 4, 8, 16)
 VAE_TILE = 32
 """Latent pixels per tile side of the tiled VAE decode (`DecodeTiling` default)."""
 VAE_LIVE_ACTIVATIONS = 5
-"""Full-resolution decoder activations alive at once (input, normed/padded input, conv output, residual, cache)."""
+"""Full-resolution VAE activations alive at once (input, normed/padded input, conv output, residual, cache)."""
+VAE_CHOICES = ((False, 4), (False, 1), (True, 1))
+"""(tiled decode, latent frames per VAE step), cheapest first."""
 
 
 def _dtype_bytes(dtype: torch.dtype) -> int:
@@ -223,9 +231,15 @@ def conditions_bytes(models: OffloadModels, prompts: int, cached: bool, speakers
     return prompts * cfg.num_layers * per_block + audio_tokens
 
 
-def vae_decode_bytes(models: OffloadModels, height: int, width: int, frame_num: int = 81, tiled: bool = False) -> int:
+def vae_step_frames(chunk_latents: int) -> int:
+    """Video frames one VAE step holds at full resolution: 4 per latent frame + 2 causal cache frames."""
+    return 4 * chunk_latents + 2
+
+
+def vae_decode_bytes(models: OffloadModels, height: int, width: int, frame_num: int = 81, tiled: bool = False,
+                     chunk_latents: int = 1) -> int:
     """Decode peak: the float32 output video, plus `VAE_LIVE_ACTIVATIONS` full-resolution activations of
-    one 4-frame chunk (+2 causal cache frames) over the frame or, tiled, over one tile with its halos
+    one step (`vae_step_frames`) over the frame or, tiled, over one tile with its halos
     (and the whole-frame coarse stage kept for the window: half the width at 1/4 of the pixels)."""
     out = 3 * frame_num * height * width * 4
     c, s = models.vae_dim, models.vae_dtype_bytes
@@ -235,7 +249,14 @@ def vae_decode_bytes(models: OffloadModels, height: int, width: int, frame_num: 
         coarse = (2 * c) * ((frame_num - 1) // 4 + 1) * (height // 4) * (width // 4) * s
     else:
         area, coarse = height * width, 0
-    return out + VAE_LIVE_ACTIVATIONS * c * 6 * area * s + coarse
+    return out + VAE_LIVE_ACTIVATIONS * c * vae_step_frames(chunk_latents) * area * s + coarse
+
+
+def vae_encode_bytes(models: OffloadModels, height: int, width: int, frame_num: int = 81, chunk_latents: int = 1) -> int:
+    """Encode peak (the window's conditioning video): the float32 input video, plus
+    `VAE_LIVE_ACTIVATIONS` full-resolution activations of one step (`vae_step_frames`)."""
+    c, s = models.vae_dim, models.vae_dtype_bytes
+    return 3 * frame_num * height * width * 4 + VAE_LIVE_ACTIVATIONS * c * vae_step_frames(chunk_latents) * height * width * s
 
 
 def encoder_activation_bytes(parameter_bytes: int) -> int:
@@ -275,6 +296,7 @@ class OffloadPlan:
     pinned_bytes: int = 0
     reserve: int = 0
     shards: int = 1  # > 1: the streamed blocks are split over this many ranks (host_store "shards")
+    vae_chunk_latents: int = 4  # latent frames per VAE encode / decode step (at most; 1: the official step)
 
     @property
     def streamed_blocks(self) -> int:
@@ -327,7 +349,8 @@ class OffloadPlan:
             f"({gb(self.block_bytes)} each{', two slots' if self.streams else ''}) from {self.store_text()}; "
             f"non-block parameters {gb(self.dit_fixed)} resident",
             f"  FFN chunks {self.ffn_chunks}; text/CLIP keys and values {'cached' if self.cache_conditions != 'none' else 'recomputed per step'}; "
-            f"VAE decode {'tiled' if self.vae_tiling else 'whole frames'}",
+f"VAE {self.vae_chunk_latents} latent frame{'s' if self.vae_chunk_latents != 1 else ''} per step, "
+            f"decode {'tiled' if self.vae_tiling else 'whole frames'}",
             f"  umT5 {self.text_encoder_text()}; CLIP, wav2vec2, VAE "
             f"{'resident' if self.encoders_resident else 'on the GPU only while they run'}",
             "  peak per phase: " + ", ".join(f"{k} {gb(v)}" for k, v in self.phases.items()),
@@ -401,7 +424,7 @@ def plan_offload(
     n, b = models.num_blocks, models.dit_block
 
     def phases(resident: int, text: str, encoders_resident: bool, tiled: bool, chunks: int, cache: str,
-               split: int = 1) -> dict:
+               split: int = 1, vae_chunks: int = 1) -> dict:
         # streamed blocks: nothing on this GPU (host memory), or ceil(b / split) each (split over the ranks)
         shards = (n - resident) * math.ceil(b / split) if split > 1 else 0
         dit = models.dit_fixed + resident * b + shards + (2 * b if resident < n else 0)
@@ -413,30 +436,34 @@ def plan_offload(
             + (text_activation_bytes(models) if text != "cpu" else 0),
             "audio": base + (0 if encoders_resident else models.audio_encoder) + encoder_activation_bytes(models.audio_encoder),
             "clip": base + (0 if encoders_resident else models.clip) + encoder_activation_bytes(models.clip),
+            "encode": base + (0 if encoders_resident else models.vae)
+            + vae_encode_bytes(models, height, width, frame_num, vae_chunks),
             "sampling": base + conditions_bytes(models, prompts, cache != "none", speakers, latent_frames)
             + dit_activation_bytes(models, tokens, batch=batch, ffn_chunks=chunks, speakers=speakers),
             "vae": base + (0 if encoders_resident else models.vae)
-            + vae_decode_bytes(models, height, width, frame_num, tiled),
+            + vae_decode_bytes(models, height, width, frame_num, tiled, vae_chunks),
         }
 
-    def first_fit(resident: int, encoders_resident: bool, text_choices, split: int = 1) -> Optional[tuple]:
+    def first_fit(resident: int, encoders_resident: bool, text_choices, split: int = 1,
+                  vae_choices=VAE_CHOICES) -> Optional[tuple]:
         for text in text_choices:
-            for tiled in (False, True):
+            for tiled, vae_chunks in vae_choices:
                 for chunks in FFN_CHUNK_CHOICES:
                     for cache in ("context", "none"):
-                        if _fits(phases(resident, text, encoders_resident, tiled, chunks, cache, split), usable):
-                            return text, tiled, chunks, cache
+                        if _fits(phases(resident, text, encoders_resident, tiled, chunks, cache, split, vae_chunks), usable):
+                            return text, tiled, chunks, cache, vae_chunks
         return None
 
     def most_resident(choice: tuple, split: int) -> int:
-        text, tiled, chunks, cache = choice
+        text, tiled, chunks, cache, vae_chunks = choice
         resident = 0
-        while resident < n and _fits(phases(resident + 1, text, False, tiled, chunks, cache, split), usable):
+        while resident < n and _fits(phases(resident + 1, text, False, tiled, chunks, cache, split, vae_chunks), usable):
             resident += 1
         return resident
 
-    # everything resident when it fits, else models per call and as many DiT blocks as fit
-    choice = first_fit(n, True, ("resident",))
+    # everything resident when it fits (with the full VAE step: streaming costs less than a slower VAE),
+    # else models per call and as many DiT blocks as fit
+    choice = first_fit(n, True, ("resident",), vae_choices=VAE_CHOICES[:1])
     encoders_resident = choice is not None
     if choice is None:
         choice = first_fit(0, False, ("gpu", "cpu"))
@@ -456,8 +483,8 @@ def plan_offload(
             resident = most_resident(choice, split)
             if resident == n:  # the knobs the split needed leave room for a whole DiT after all
                 split = 1
-    text, tiled, chunks, cache = choice
-    final = phases(resident, text, encoders_resident, tiled, chunks, cache, split)
+    text, tiled, chunks, cache, vae_chunks = choice
+    final = phases(resident, text, encoders_resident, tiled, chunks, cache, split, vae_chunks)
     streamed_bytes = (n - resident) * b if split == 1 else 0
     host_models = (models.text_encoder if text != "resident" else 0) + (
         0 if encoders_resident else models.clip + models.audio_encoder + models.vae
@@ -477,6 +504,7 @@ def plan_offload(
         ffn_chunks=chunks, cache_conditions=cache, vae_tiling=tiled, text_encoder=text,
         encoders_resident=encoders_resident, host_store=store, phases=final,
         host_bytes=host_models + pinned, pinned_bytes=pinned, reserve=reserve, shards=split,
+        vae_chunk_latents=vae_chunks,
     )
 
 
@@ -493,5 +521,6 @@ def min_budget(models: OffloadModels, *, size: int = 480, speakers: int = 1, pas
         dit + conditions_bytes(models, 2 if passes == 3 else 1, False, speakers, (frame_num - 1) // 4 + 1)
         + dit_activation_bytes(models, tokens, batch=batch, ffn_chunks=FFN_CHUNK_CHOICES[-1], speakers=speakers),
         dit + models.vae + vae_decode_bytes(models, height, width, frame_num, True),
+        dit + models.vae + vae_encode_bytes(models, height, width, frame_num),
     )
     return math.ceil(need / (1 - RESERVE_FRACTION)) + 1
