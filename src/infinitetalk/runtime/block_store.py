@@ -4,8 +4,14 @@ A block is packed as one flat uint8 slab: every registered parameter and buffer 
 tensor once) at an `ALIGN`-aligned offset (`layout`). `runtime.offload.BlockStreamer` owns the two
 device slots, the hooks and the side stream; a source owns the packed bytes and fills a slot:
 
-* `HostSource`: one host slab per block (pinned, memory-mapped into a `SpillFile`, or pageable);
-  loading is a host-to-device copy. Between its turns a block's tensors are views of its host slab.
+* `HostSource`: the blocks back to back in host arena slabs (pinned, pageable, or one
+  memory-mapped `SpillFile`); loading is one host-to-device copy per contiguous piece of a block
+  (a block spans arenas, a tensor never does: `plan_arenas`). Between its turns a block's tensors
+  are views of the arenas. Pinned arenas are powers of two (1 GiB by default) because PyTorch's
+  CUDA caching host allocator rounds every pinned allocation up to the next power of two
+  (pytorch/pytorch#150517): one pinned slab per 14B bf16 block (under 1 GiB) took 1 GiB. Arenas waste only
+  the ends no next tensor fits (filled first with the block's later tensors that fit) and the
+  rounding of the last arena; the pageable stores allocate exactly what they hold.
 * `ShardedSource`: every rank of a process group keeps 1/W of each block's slab on its own device
   (the slab padded to a multiple of W x `ALIGN`, so the shards are equal); loading is one
   all-gather of the shards into the slot (`torch.distributed`: NCCL on CUDA, gloo on the CPU).
@@ -117,40 +123,146 @@ class SpillFile:
 
 Layouts = dict  # block index -> (entries, packed bytes)
 
+ARENA_BYTES = 2**30
+"""Default size of a host arena slab (`HostSource`): a power of two, which the pinned allocator does not round up."""
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _pow2(nbytes: int) -> int:
+    return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
+
+
+@dataclass(frozen=True)
+class Piece:
+    """`nbytes` bytes of a block's packed slab, from `offset` on, kept from byte `start` of arena `arena`."""
+    arena: int
+    start: int
+    offset: int
+    nbytes: int
+
+
+def plan_arenas(layouts: Layouts, arena_bytes: Optional[int], pow2: bool) -> tuple[dict, list[int]]:
+    """Where every tensor of every block lives in a row of arena slabs: (spots, sizes).
+
+    spots[i][k] = (arena, start byte) of entry k of block i; sizes[a] = the bytes of arena a.
+    Blocks go in order, back to back, their tensors in layout order, each whole (never split
+    over two arenas) at an `ALIGN`-aligned start, so a block is a few contiguous runs (`pieces`).
+    An arena holds up to `arena_bytes` (None: no limit, one arena). When the block's next tensor
+    does not fit, the arena's end is filled with the block's later tensors that fit (first fit,
+    each one more piece) and a new arena opened. A tensor larger than `arena_bytes` opens an
+    arena of its next power of two, which the tensors after it fill. An arena is as large as its
+    contents, rounded up to a power of two when `pow2` (so a pinned arena is what it costs).
+    """
+    total = sum(_aligned(e.nbytes) for entries, _n in layouts.values() for e in entries)
+    caps: list[int] = []
+    used: list[int] = []
+    spots = {}
+    for i, (entries, _n) in layouts.items():
+        size = [_aligned(e.nbytes) for e in entries]
+        spot: list = [None] * len(entries)
+
+        def place(k: int) -> None:
+            spot[k] = (len(caps) - 1, used[-1])
+            used[-1] += size[k]
+
+        pending = list(range(len(entries)))
+        while pending:
+            k = pending[0]
+            if not caps or used[-1] + size[k] > caps[-1]:
+                if caps:
+                    for j in pending[1:]:
+                        if used[-1] + size[j] <= caps[-1]:
+                            place(j)
+                    pending = [j for j in pending if spot[j] is None]
+                caps.append(max(arena_bytes, _pow2(size[k])) if arena_bytes else total)
+                used.append(0)
+            place(k)
+            pending.pop(0)
+        spots[i] = spot
+    return spots, [_pow2(u) if pow2 else u for u in used]
+
+
+def pieces(entries: Sequence[Entry], spots: Sequence[tuple]) -> list[Piece]:
+    """The contiguous runs of a block's tensors in the arenas: byte ranges of its packed slab and of an arena."""
+    out: list[Piece] = []
+    for e, (arena, start) in sorted(zip(entries, spots), key=lambda pair: pair[0].offset):
+        nbytes = _aligned(e.nbytes)
+        if not nbytes:
+            continue
+        last = out[-1] if out else None
+        if last and last.arena == arena and last.offset + last.nbytes == e.offset and last.start + last.nbytes == start:
+            out[-1] = Piece(arena, last.start, last.offset, last.nbytes + nbytes)
+        else:
+            out.append(Piece(arena, start, e.offset, nbytes))
+    return out
+
 
 class HostSource:
-    """The streamed blocks packed in host memory: `store` "pinned", "mmap" (a `SpillFile` in
-    `spill_dir`) or "plain" (pageable). Loading a block is one host-to-device copy."""
+    """The streamed blocks packed in host memory: `store` "pinned" (page-locked on CUDA; pageable
+    where CUDA is absent), "mmap" (one `SpillFile` in `spill_dir`) or "plain" (pageable). Loading
+    a block is one host-to-device `copy_` per contiguous piece (`plan_arenas`, `pieces`).
 
-    def __init__(self, store: str = "pinned", spill_dir: Optional[os.PathLike] = None):
+    The "pinned" and "plain" stores keep the blocks in arena slabs of up to `arena_bytes` (a power
+    of two; only a tensor larger than that gets a larger arena), allocated as packing reaches
+    them; "pinned" rounds every arena up to a power of two as the CUDA allocator would (module
+    docstring), "plain" allocates exactly what an arena holds; "mmap" keeps them in one arena,
+    the spill file. `host_bytes` counts the arena bytes allocated, not the blocks' packed bytes.
+    """
+
+    def __init__(self, store: str = "pinned", spill_dir: Optional[os.PathLike] = None,
+                 arena_bytes: int = ARENA_BYTES):
+        if arena_bytes < ALIGN or arena_bytes & (arena_bytes - 1):
+            raise ValueError(f"arena_bytes must be a power of two of at least {ALIGN}, got {arena_bytes}")
         self.store = store
         self.spill_dir = spill_dir
+        self.arena_bytes = arena_bytes
         self.spill: Optional[SpillFile] = None
-        self.slabs: dict[int, torch.Tensor] = {}
+        self.arenas: list[torch.Tensor] = []
+        self.pieces: dict[int, list[Piece]] = {}
+        self._sizes: list[int] = []
+        self._bytes: dict[int, int] = {}
         self._views: dict[int, list[torch.Tensor]] = {}
         self._entries: dict[int, list[Entry]] = {}
 
-    def _slab(self, nbytes: int) -> torch.Tensor:
-        if self.store == "mmap":
-            return self.spill.allocate(nbytes)
-        pin = self.store == "pinned" and torch.cuda.is_available()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    def _arena(self, index: int) -> torch.Tensor:
+        """Arena `index`, allocated on first use (arenas are first used in order)."""
+        while len(self.arenas) <= index:
+            size = self._sizes[len(self.arenas)]
+            if self.store == "mmap":
+                self.spill = SpillFile(size, self.spill_dir)
+                arena = self.spill.data[:size]
+            else:
+                pin = self.store == "pinned" and torch.cuda.is_available()
+                arena = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            self.arenas.append(arena)
+        return self.arenas[index]
 
     def pack(self, layouts: Layouts) -> None:
-        if self.store == "mmap" and layouts:
-            self.spill = SpillFile(sum(-(-n // ALIGN) * ALIGN for _, n in layouts.values()), self.spill_dir)
+        limit = None if self.store == "mmap" else self.arena_bytes
+        spots, self._sizes = plan_arenas(layouts, limit, pow2=self.store == "pinned")
         for i, (entries, nbytes) in layouts.items():  # block by block: the host never holds a block twice for long
-            slab = self._slab(nbytes)
-            self._views[i] = pack_into(entries, slab)
-            self.slabs[i] = slab
+            out = []
+            for e, (a, start) in zip(entries, spots[i]):
+                view = self._arena(a)[start : start + e.nbytes].view(e.dtype).view(e.shape)
+                view.copy_(current(e).detach().reshape(e.shape))
+                out.append(view)
+            self._views[i] = out
             self._entries[i] = entries
-            point_to(entries, self._views[i])
+            self._bytes[i] = nbytes
+            self.pieces[i] = pieces(entries, spots[i])
+            point_to(entries, out)
 
     def slot_bytes(self, index: int) -> int:
-        return self.slabs[index].numel()
+        return self._bytes[index]
 
     def load_into(self, index: int, dst: torch.Tensor) -> None:
-        dst.copy_(self.slabs[index], non_blocking=dst.device.type == "cuda")
+        non_blocking = dst.device.type == "cuda"
+        for p in self.pieces[index]:
+            dst[p.offset : p.offset + p.nbytes].copy_(self.arenas[p.arena][p.start : p.start + p.nbytes],
+                                                      non_blocking=non_blocking)
 
     def resting(self, index: int) -> list[torch.Tensor]:
         return self._views[index]
@@ -159,8 +271,14 @@ class HostSource:
         return [t.clone() for t in self._views[index]]
 
     @property
+    def slabs(self) -> dict[int, torch.Tensor]:
+        """Block -> the arena slab its first piece lies in (where its bytes start)."""
+        return {i: self.arenas[p[0].arena] for i, p in self.pieces.items() if p}
+
+    @property
     def host_bytes(self) -> int:
-        return sum(s.numel() for s in self.slabs.values())
+        """Bytes of the arena slabs allocated (>= the packed bytes of the blocks)."""
+        return sum(a.numel() for a in self.arenas)
 
     @property
     def device_bytes(self) -> int:
@@ -168,7 +286,8 @@ class HostSource:
 
     def close(self) -> None:
         self._views.clear()
-        self.slabs.clear()
+        self.pieces.clear()
+        self.arenas.clear()
         if self.spill is not None:
             self.spill.close()
             self.spill = None

@@ -3,7 +3,7 @@
 Composed around the modules with forward pre-hooks, never by changing the model code:
 
 * `BlockStreamer` keeps some blocks of a `ModuleList` on the device and the others packed in a
-  source (`runtime.block_store`): host memory (one pinned slab per block, or a memory-mapped
+  source (`runtime.block_store`): host memory (power-of-two pinned arenas, or a memory-mapped
   file when host RAM is short), or 1/W of every block on each of W ranks, gathered into the slot
   by one all-gather (when the budget is below a whole DiT per GPU). Two device slots hold
   streamed blocks: when block i starts, block i's copy is waited for on the compute stream (an
