@@ -78,6 +78,26 @@ def _rss() -> dict:
     return {"host_rss_gb": None if now is None else round(now / GiB, 2), "host_rss_peak_gb": round(peak / GiB, 2)}
 
 
+def live_allocations(top: int = 12) -> list:
+    """The largest live CUDA allocations at an out-of-memory error, with the Python lines that made
+    them (from `torch.cuda.memory._snapshot()`; needs `_record_memory_history`), grouped by line."""
+    groups: dict = {}
+    try:
+        for segment in torch.cuda.memory._snapshot()["segments"]:
+            for block in segment["blocks"]:
+                if block.get("state") != "active_allocated":
+                    continue
+                frames = [f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in block.get("frames", [])
+                          if f["filename"].endswith(".py") and "/torch/" not in f["filename"]][:3]
+                entry = groups.setdefault(" < ".join(frames) or "unknown", [0, 0])
+                entry[0] += block["size"]
+                entry[1] += 1
+    except Exception as exc:  # a report, never a second failure
+        return [f"no snapshot: {type(exc).__name__}: {exc}"]
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"gib": round(size / GiB, 3), "count": count, "where": where} for where, (size, count) in ranked]
+
+
 def _random_module(cls, cfg, device, dtype, seed):
     torch.manual_seed(seed)
     with torch.device(device):
@@ -269,6 +289,8 @@ def run(args) -> dict:
 
     job = Job(args, device)
     speakers = [int(s) for s in args.speakers.split(",")]
+    if device.type == "cuda":  # where each live block was allocated, for the out-of-memory report
+        torch.cuda.memory._record_memory_history(max_entries=20000)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     print(f"--- resident ({args.size}p, {args.dtype})", flush=True)
     resident = measure_case(job, args, speakers, not args.no_window)
@@ -309,6 +331,8 @@ def run(args) -> dict:
         except Exception as exc:  # keep going: one failing budget must not lose the others
             traceback.print_exc()
             result["errors"][key] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                result.setdefault("oom_live_allocations", {})[key] = live_allocations()
         finally:
             if total is not None:
                 torch.cuda.set_per_process_memory_fraction(1.0, device)

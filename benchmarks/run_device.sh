@@ -224,5 +224,18 @@ case "$what" in
     STEP_TAIL=30 step 170 python3 -m infinitetalk generate --weights /tmp/w14 --vram 8 --image "$INFINITETALK_SHARED/media/portrait.png" \
       --audio "$INFINITETALK_SHARED/media/speaker1.wav" --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4"
     ;;
+  v16a)  # after the VAE-step plan and the pinned arenas: 480p fp8 under 6 GB (window, 1 and 2 speakers, pageable);
+         # 480p bf16 under 8 GB (window); an out-of-memory case writes its largest live allocations to the JSON
+    step 300 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1,2 --reps 2 \
+      --out "$OUT/offload_480_fp8.json"
+    step 280 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 2 --no-pageable \
+      --out "$OUT/offload_480_bf16.json"
+    ;;
+  v16b)  # the offload GPU tests; the random 14B layout through `generate --vram 8`
+    step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py
+    step 150 python3 benchmarks/random_layout.py --out /tmp/w14
+    STEP_TAIL=30 step 230 python3 -m infinitetalk generate --weights /tmp/w14 --vram 8 --image "$INFINITETALK_SHARED/media/portrait.png" \
+      --audio "$INFINITETALK_SHARED/media/speaker1.wav" --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4"
+    ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
