@@ -12,6 +12,7 @@ import torch
 
 from infinitetalk.errors import DeviceOutOfMemoryError
 from infinitetalk.models.dit import WanDiTConfig
+from infinitetalk.runtime.block_store import ARENA_BYTES
 from infinitetalk.runtime.offload_plan import (
     ENCODER_ACTIVATION_FRACTION,
     GiB,
@@ -173,13 +174,15 @@ def test_host_memory_pinned_or_mapped(models):
     plan = plan_offload(m, 16 * GiB, size=480)
     streamed = plan.streamed_blocks * m.dit_block
     host_models = m.clip + m.audio_encoder + m.vae + (m.text_encoder if plan.text_encoder != "resident" else 0)
-    assert plan.host_store == "pinned" and plan.pinned_bytes == streamed
-    assert plan.host_bytes == streamed + host_models
+    pinned = math.ceil(streamed / GiB) * GiB  # whole 1 GiB arenas (runtime.block_store.ARENA_BYTES)
+    assert ARENA_BYTES == GiB
+    assert plan.host_store == "pinned" and plan.pinned_bytes == pinned and pinned - streamed < GiB
+    assert plan.host_bytes == pinned + host_models
     # the issue's bound: host RAM at most the weights' size + 4 GB
     assert plan.host_bytes <= m.total + 4 * GiB
-    enough = plan_offload(m, 16 * GiB, size=480, host_ram_bytes=streamed + host_models + HOST_MARGIN_BYTES)
+    enough = plan_offload(m, 16 * GiB, size=480, host_ram_bytes=pinned + host_models + HOST_MARGIN_BYTES)
     assert enough.host_store == "pinned"
-    short = plan_offload(m, 16 * GiB, size=480, host_ram_bytes=streamed + host_models + HOST_MARGIN_BYTES - 1)
+    short = plan_offload(m, 16 * GiB, size=480, host_ram_bytes=pinned + host_models + HOST_MARGIN_BYTES - 1)
     assert short.host_store == "mmap" and short.pinned_bytes == 0 and short.host_bytes == host_models
     assert "memory-mapped file" in short.describe()
 

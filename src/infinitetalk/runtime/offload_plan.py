@@ -57,6 +57,8 @@ ENCODER_ACTIVATION_FRACTION = 0.5
 """Activation allowance of a wav2vec2 or CLIP call, as a share of its parameter bytes (chunked audio, 257 tokens)."""
 HOST_MARGIN_BYTES = 4 * GiB
 """Host memory left to the rest of the process and the OS when deciding pinned vs memory-mapped."""
+PINNED_ARENA_BYTES = GiB
+"""The host arena slab of the pinned store (`runtime.block_store.ARENA_BYTES`; a test keeps them equal)."""
 FFN_CHUNK_CHOICES = (1, 2, 4, 8, 16)
 VAE_TILE = 32
 """Latent pixels per tile side of the tiled VAE decode (`DecodeTiling` default)."""
@@ -257,6 +259,12 @@ def vae_encode_bytes(models: OffloadModels, height: int, width: int, frame_num: 
     `VAE_LIVE_ACTIVATIONS` full-resolution activations of one step (`vae_step_frames`)."""
     c, s = models.vae_dim, models.vae_dtype_bytes
     return 3 * frame_num * height * width * 4 + VAE_LIVE_ACTIVATIONS * c * vae_step_frames(chunk_latents) * height * width * s
+
+
+def pinned_arena_bytes(streamed_bytes: int) -> int:
+    """Pinned host memory for `streamed_bytes` of packed blocks: whole arena slabs
+    (`runtime.block_store.ARENA_BYTES`, a power of two the pinned allocator does not round up)."""
+    return -(-streamed_bytes // PINNED_ARENA_BYTES) * PINNED_ARENA_BYTES
 
 
 def encoder_activation_bytes(parameter_bytes: int) -> int:
@@ -493,11 +501,11 @@ def plan_offload(
         store = "shards"
     elif streamed_bytes == 0:
         store = "none"
-    elif host_ram_bytes is None or streamed_bytes + host_models + HOST_MARGIN_BYTES <= host_ram_bytes:
+    elif host_ram_bytes is None or pinned_arena_bytes(streamed_bytes) + host_models + HOST_MARGIN_BYTES <= host_ram_bytes:
         store = "pinned"
     else:
         store = "mmap"
-    pinned = streamed_bytes if store == "pinned" else 0
+    pinned = pinned_arena_bytes(streamed_bytes) if store == "pinned" else 0
     return OffloadPlan(
         budget=budget, size=size, height=height, width=width, tokens=tokens, fp8=models.fp8, speakers=speakers,
         passes=passes, num_blocks=n, resident_blocks=resident, dit_fixed=models.dit_fixed, block_bytes=b,
