@@ -51,6 +51,15 @@ def _deterministic_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny models: faster than two on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def report(name: str, got: torch.Tensor, expected: torch.Tensor, rel_tol: float = 1e-4) -> float:
     """Print and return max|got - expected| / max|expected|; assert it is within rel_tol."""
     got = got.detach().double().cpu()

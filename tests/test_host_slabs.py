@@ -29,12 +29,7 @@ from infinitetalk.runtime.block_store import ALIGN, HostSource, current, layout,
 from infinitetalk.runtime.offload import BlockStreamer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pow2(n: int) -> bool:

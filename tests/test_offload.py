@@ -19,13 +19,7 @@ from infinitetalk.runtime.offload import BlockStreamer, resolve_budget
 from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload
 from infinitetalk.runtime.tiny_models import random_init_
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _dit(layers: int = 4, fp8: bool = False, seed: int = 0) -> InfiniteTalkDiT:

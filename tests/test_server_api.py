@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import base64
+import contextlib
 import json
 import socket
 import threading
@@ -248,26 +249,31 @@ class _Receiver(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def _receiving(handler):
+    """A webhook receiver (`handler`, its calls cleared) on a loopback port: yields its URL."""
+    handler.calls = []
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    finally:
+        receiver.shutdown()
+
+
 @pytest.mark.slow
 def test_webhook_signed_and_retried_after_500(env):
     from standardwebhooks.webhooks import Webhook
 
-    _Receiver.calls = []
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-        with env["server"].client() as c:
-            job = submit(c, env["image"], env["tiny_audio"], TINY, webhook_url=url)
-            wait_for(c, job["id"], ended)
-            deadline = time.monotonic() + 60
-            while len(_Receiver.calls) < 2:
-                assert time.monotonic() < deadline, f"{len(_Receiver.calls)} webhook call(s) in 60 s"
-                time.sleep(0.1)
-            time.sleep(0.5)
-            log = c.get(f"/v1/jobs/{job['id']}/webhooks").json()["deliveries"]
-    finally:
-        receiver.shutdown()
+    with _receiving(_Receiver) as url, env["server"].client() as c:
+        job = submit(c, env["image"], env["tiny_audio"], TINY, webhook_url=url)
+        wait_for(c, job["id"], ended)
+        deadline = time.monotonic() + 60
+        while len(_Receiver.calls) < 2:
+            assert time.monotonic() < deadline, f"{len(_Receiver.calls)} webhook call(s) in 60 s"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        log = c.get(f"/v1/jobs/{job['id']}/webhooks").json()["deliveries"]
     secret = (env["server"].data / "webhook_secret").read_text().strip()
     ids = set()
     for headers, body in _Receiver.calls:
@@ -369,28 +375,21 @@ class _Hook(_Receiver):
 def test_webhook_of_a_cancelled_job(env):
     from standardwebhooks.webhooks import Webhook
 
-    _Hook.calls = []
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-        with env["server"].client() as c:
-            job = submit(c, env["image"], env["audio"], WINDOWS, webhook_url=url)  # 6 windows
-            wait_for(c, job["id"], lambda j: j["state"] == "running" and j["progress"]["stage"] == "sample" or ended(j))
-            assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
-            assert wait_for(c, job["id"], ended, timeout=120)["state"] == "cancelled"
-            deadline = time.monotonic() + 60
-            while not _Hook.calls:
-                assert time.monotonic() < deadline, "no webhook call in 60 s"
-                time.sleep(0.1)
-            deadline = time.monotonic() + 10
-            while True:  # the attempt is recorded just after the answer
-                log = c.get(f"/v1/jobs/{job['id']}/webhooks").json()["deliveries"]
-                if log and log[0]["state"] == "delivered" or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-    finally:
-        receiver.shutdown()
+    with _receiving(_Hook) as url, env["server"].client() as c:
+        job = submit(c, env["image"], env["audio"], WINDOWS, webhook_url=url)  # 6 windows
+        wait_for(c, job["id"], lambda j: j["state"] == "running" and j["progress"]["stage"] == "sample" or ended(j))
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        assert wait_for(c, job["id"], ended, timeout=120)["state"] == "cancelled"
+        deadline = time.monotonic() + 60
+        while not _Hook.calls:
+            assert time.monotonic() < deadline, "no webhook call in 60 s"
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while True:  # the attempt is recorded just after the answer
+            log = c.get(f"/v1/jobs/{job['id']}/webhooks").json()["deliveries"]
+            if log and log[0]["state"] == "delivered" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     assert len(_Hook.calls) == 1
     headers, body = _Hook.calls[0]
     secret = (env["server"].data / "webhook_secret").read_text().strip()
