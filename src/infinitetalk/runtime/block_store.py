@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .offload_plan import PINNED_ARENA_BYTES
+
 ALIGN = 256
 """Byte alignment of every tensor inside a packed slab (what the kernels and inductor expect)."""
 
@@ -123,8 +125,9 @@ class SpillFile:
 
 Layouts = dict  # block index -> (entries, packed bytes)
 
-ARENA_BYTES = 2**30
-"""Default size of a host arena slab (`HostSource`): a power of two, which the pinned allocator does not round up."""
+ARENA_BYTES = PINNED_ARENA_BYTES
+"""Default size of a host arena slab (`HostSource`): a power of two, which the pinned allocator does not
+round up (the offload plan counts pinned memory in these)."""
 
 
 def _aligned(nbytes: int) -> int:

@@ -58,7 +58,7 @@ ENCODER_ACTIVATION_FRACTION = 0.5
 HOST_MARGIN_BYTES = 4 * GiB
 """Host memory left to the rest of the process and the OS when deciding pinned vs memory-mapped."""
 PINNED_ARENA_BYTES = GiB
-"""The host arena slab of the pinned store (`runtime.block_store.ARENA_BYTES`; a test keeps them equal)."""
+"""The host arena slab of the pinned store (`runtime.block_store.ARENA_BYTES`): a power of two, 1 GiB."""
 FFN_CHUNK_CHOICES = (1, 2, 4, 8, 16)
 VAE_TILE = 32
 """Latent pixels per tile side of the tiled VAE decode (`DecodeTiling` default)."""
