@@ -142,6 +142,32 @@ def test_compiled_blocks_stream_without_graph_breaks():
     torch._dynamo.reset()
 
 
+def test_streaming_inside_inference_mode_reuses_the_resident_compiled_graph():
+    """Slot views made inside `torch.inference_mode()` were inference tensors: they failed the
+    compiled block's dispatch-key guard on its parameters, so the streamed blocks compiled a second
+    graph (on the GPU: a second compilation, whose kernels gave other bits than the resident run)."""
+    from torch._dynamo.utils import counters
+
+    model = _dit(3)
+    inp = _inputs(model.config)
+    torch._dynamo.reset()
+    counters.clear()
+    for block in model.blocks:
+        block.compile(backend="aot_eager", dynamic=False)
+    with torch.inference_mode():
+        reference = _predict(model, inp, ("cond",), "context", steps=(900.0,))
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        streamer = BlockStreamer(model.blocks, "cpu", [1, 2], store="plain")
+        streamed = _predict(model, inp, ("cond",), "context", steps=(900.0,))
+        streamer.detach()
+        after = _predict(model, inp, ("cond",), "context", steps=(900.0,))
+    assert counters["stats"]["unique_graphs"] == graphs, "streaming recompiled the blocks"
+    _same(reference, streamed)
+    _same(reference, after)
+    torch._dynamo.reset()
+
+
 def _gguf_dit(layers: int = 4) -> InfiniteTalkDiT:
     """The tiny DiT with its block linears in GGUF blocks (Q4_K where the rows allow it, else Q8_0),
     as a GGUF file loads it, plus a LoRA on one streamed layer: a side path and a weight delta."""

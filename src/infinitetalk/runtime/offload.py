@@ -91,6 +91,15 @@ def resolve_budget(vram_budget, device: torch.device) -> Optional[int]:
 # ---- block streaming ------------------------------------------------------------------------
 
 
+def _normal_tensors():
+    """Tensors the models will compute with are made outside inference mode, even when the caller
+    runs inside `torch.inference_mode()`: an inference tensor lacks the ADInplaceOrView dispatch
+    key, which fails the guards of blocks compiled on ordinary parameters, and the recompiled graph
+    costs a compilation and may pick other kernels (other bits) than the resident one."""
+    return torch.inference_mode(False)
+
+
+
 class BlockStreamer:
     """Streams the blocks `streamed` of `blocks` (an nn.ModuleList) through two device slots.
 
@@ -123,7 +132,9 @@ class BlockStreamer:
             self._layouts[i] = layouts[i][0]
         self.source.pack(layouts)
         slot_bytes = max((self.source.slot_bytes(i) for i in self.streamed), default=0)
-        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)] if self.streamed else []
+        with _normal_tensors():
+            self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)
+                           for _ in range(2)] if self.streamed else []
         self._slot_of: dict[int, int] = {}  # block -> slot holding it
         self._in_slot: list[Optional[int]] = [None, None]
         self._ready: dict[int, object] = {}  # block -> event: its copy is done
@@ -235,7 +246,8 @@ class BlockStreamer:
         self.copies += 1
         self._slot_of[index] = slot
         self._in_slot[slot] = index
-        point_to(self._layouts[index], views(self._layouts[index], self._slots[slot]))
+        with _normal_tensors():
+            point_to(self._layouts[index], views(self._layouts[index], self._slots[slot]))
 
     def detach(self) -> None:
         """Remove the hooks; streamed blocks end up in ordinary (pageable) host tensors (with a
@@ -247,8 +259,9 @@ class BlockStreamer:
         self._handles.clear()
         for index in list(self._slot_of):
             self._evict(index)
-        for index, entries in self._layouts.items():
-            point_to(entries, self.source.restore(index))
+        with _normal_tensors():
+            for index, entries in self._layouts.items():
+                point_to(entries, self.source.restore(index))
         self.source.close()
         self._slots = []
         self.current = None
@@ -285,8 +298,9 @@ class ModulePlacer:
         self.depth += 1
         try:
             if self.depth == 1:
-                buffer = self.slab.to(self.device, non_blocking=True)
-                point_to(self.entries, views(self.entries, buffer))
+                with _normal_tensors():
+                    buffer = self.slab.to(self.device, non_blocking=True)
+                    point_to(self.entries, views(self.entries, buffer))
                 del buffer
             yield self.module
         finally:
