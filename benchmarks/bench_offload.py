@@ -52,7 +52,7 @@ from infinitetalk.models.image import CLIPVisionConfig, CLIPVisionEncoder  # noq
 from infinitetalk.models.vae import VAEFastOptions, WanVAE, WanVAEConfig  # noqa: E402
 from infinitetalk.generation.guided_dit import GuidedDiT  # noqa: E402
 from infinitetalk.runtime.fast import FastOptions, make_fast  # noqa: E402
-from infinitetalk.runtime.offload import BlockStreamer, ModulePlacer, host_ram_available  # noqa: E402
+from infinitetalk.runtime.offload import BlockStreamer, ModulePlacer, host_ram_available, use_expandable_segments  # noqa: E402
 from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload  # noqa: E402
 
 TARGETS = {  # (size, fp8) -> GB the issue wants the job to fit, at <= 1.10x the resident time
@@ -160,6 +160,7 @@ class Job:
     def apply(self, plan, store: str) -> None:
         """Carry out `plan` (as `runtime.offload.Offloader` does) with host store `store`."""
         self.plan = plan
+        use_expandable_segments(self.device)  # as the Offloader does (segments made from now on)
         streamed = range(plan.resident_blocks, len(self.dit.blocks))
         for i in streamed:
             self.dit.blocks[i].to("cpu")
@@ -280,6 +281,8 @@ def run(args) -> dict:
         "size": args.size, "dtype": args.dtype, "frames": args.frames, "preset": "fast",
         "host_ram_available_gb": round((host_ram_available() or 0) / GiB, 1),
         "cases": {}, "errors": {},
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        "expandable_segments_under_budget": device.type == "cuda",
     }
 
     def save():

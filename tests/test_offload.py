@@ -297,3 +297,13 @@ def test_cli_generate_with_vram_budget(tmp_path, media_dir, capsys):
         main(bad)
     assert exit_.value.code == 2 and "VRAM budget" in capsys.readouterr().err
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_expandable_segments_only_on_cuda_and_never_against_the_users_setting(monkeypatch):
+    from infinitetalk.runtime.offload import use_expandable_segments
+
+    assert use_expandable_segments("cpu") is False
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert use_expandable_segments("cuda") is False  # the user's word, before anything touches CUDA
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128, expandable_segments:True")
+    assert use_expandable_segments("cuda") is True

@@ -120,3 +120,16 @@ def test_tiny_pipeline_on_cuda_under_a_budget(media_dir):
     frames = np.concatenate([c.frames for c in streamed.stream(inputs, cfg)])
     np.testing.assert_array_equal(base, frames)
     assert streamed.components.offload.streamer.copies > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_offloader_switches_on_expandable_segments(monkeypatch):
+    from infinitetalk.runtime.offload import use_expandable_segments
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert use_expandable_segments("cuda")
+    x = torch.empty(64 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    segments = [s for s in torch.cuda.memory_snapshot() if s["address"] <= x.data_ptr() < s["address"] + s["total_size"]]
+    assert segments and segments[0].get("is_expandable", False)

@@ -38,7 +38,7 @@ from .block_store import ALIGN, Entry, HostSource, ShardedSource, SpillFile, lay
 from .offload_plan import GiB, OffloadPlan
 
 __all__ = ["ALIGN", "BlockStreamer", "HostSource", "ModulePlacer", "Offloader", "ShardedSource", "SpillFile",
-           "host_ram_available", "resolve_budget"]
+           "host_ram_available", "resolve_budget", "use_expandable_segments"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,29 @@ def resolve_budget(vram_budget, device: torch.device) -> Optional[int]:
     if isinstance(vram_budget, bool) or not isinstance(vram_budget, (int, float)) or not vram_budget > 0:
         raise InputError(f"The VRAM budget must be a positive number of GB or 'auto', got {vram_budget!r}.")
     return int(float(vram_budget) * GiB)
+
+
+def use_expandable_segments(device: torch.device | str) -> bool:
+    """Turn on the CUDA caching allocator's expandable segments for `device`'s process, unless the
+    user's `PYTORCH_CUDA_ALLOC_CONF` (or `PYTORCH_ALLOC_CONF`) already says; True when they are on.
+
+    Under a budget the allocator's fixed segments fragment: on an H100 with an 8 GB budget the bf16
+    window ran out of memory with 2.11 GiB reserved but unallocated, and fitted in 7.71 GB with
+    expandable segments (benchmarks/NOTES.md, v16). The setting is the allocator's and so
+    process-wide; it applies to segments allocated after it, so the `Offloader` turns it on before
+    any model is loaded. Nothing on the CPU.
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    conf = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "").replace(" ", "")
+    if "expandable_segments" in conf:
+        return "expandable_segments:true" in conf.lower()
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None:
+        log.warning("this torch cannot switch on expandable segments; set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+        return False
+    setter("expandable_segments:True")
+    return True
 
 
 # ---- block streaming ------------------------------------------------------------------------
@@ -335,6 +358,7 @@ class Offloader:
                              f"{have}; plan again for {have} rank(s) or start {plan.shards}.")
         self.streamer: Optional[BlockStreamer] = None
         self._placers: dict[int, ModulePlacer] = {}
+        self.expandable_segments = use_expandable_segments(self.device)
 
     def prepare_dit(self, dit: nn.Module) -> nn.Module:
         """Move the DiT's non-block parts and its resident blocks to the device (streamed ones stay)."""
