@@ -87,8 +87,9 @@ def test_streamed_blocks_give_identical_outputs(resident, speakers, fp8, cache, 
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     streamer = BlockStreamer(model.blocks, "cpu", range(resident, 4), store="plain")
     # streamed blocks live in host slabs: their tensors are not the originals any more
-    assert streamer.host_bytes > 0 and streamer.slot_bytes > 0
+    assert streamer.host_bytes > 0 and streamer.slot_bytes == 0  # the first block allocates the slots
     streamed = _predict(model, inp, branches, cache)
+    assert streamer.slot_bytes > 0
     _same(reference, streamed)
     assert streamer.copies >= 4 - resident  # the blocks were really copied in
     if fp8:

@@ -154,10 +154,8 @@ class BlockStreamer:
             layouts[i] = layout(blocks[i])
             self._layouts[i] = layouts[i][0]
         self.source.pack(layouts)
-        slot_bytes = max((self.source.slot_bytes(i) for i in self.streamed), default=0)
-        with _normal_tensors():
-            self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)
-                           for _ in range(2)] if self.streamed else []
+        self._slot_size = max((self.source.slot_bytes(i) for i in self.streamed), default=0)
+        self._slots: list[torch.Tensor] = []  # allocated by the first block that needs them (`release` frees them)
         self._slot_of: dict[int, int] = {}  # block -> slot holding it
         self._in_slot: list[Optional[int]] = [None, None]
         self._ready: dict[int, object] = {}  # block -> event: its copy is done
@@ -179,7 +177,29 @@ class BlockStreamer:
 
     @property
     def slot_bytes(self) -> int:
+        """Device bytes of the two slots while they are allocated (0 before the first block and after `release`)."""
         return sum(s.numel() for s in self._slots)
+
+    def _ensure_slots(self) -> None:
+        if not self._slots and self.streamed:
+            with _normal_tensors():
+                self._slots = [torch.empty(self._slot_size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+
+    def release(self) -> None:
+        """Free the two slots (another model is about to run); the next block allocates them again.
+
+        A copy still in flight (the prefetch of the next forward's first block) is waited for on
+        the compute stream first, so the memory goes back to the allocator after it."""
+        if not self._slots:
+            return
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            for event in self._ready.values():
+                stream.wait_event(event)
+        for index in list(self._slot_of):
+            self._evict(index)
+        self._slots = []
+        self.current = None
 
     @property
     def _host_slab(self) -> dict:
@@ -223,6 +243,7 @@ class BlockStreamer:
         """Make block `index` usable by the work queued next, and start the copy of the next streamed block."""
         if index == self.current:
             return
+        self._ensure_slots()
         if self.cuda:
             queued = torch.cuda.Event()
             queued.record(torch.cuda.current_stream(self.device))
@@ -401,7 +422,13 @@ class Offloader:
         log.info("%s", plan.describe())
 
     def placed(self, module: nn.Module):
-        """Context manager: `module` on the device while the block inside runs (no-op when resident)."""
+        """Context manager: `module` on the device while the block inside runs (no-op when resident).
+
+        The DiT's block slots are released first (the plan counts them in the sampling phase only);
+        not when the blocks are sharded over ranks, where every rank must gather the same blocks in
+        the same order and the other ranks run no encoder."""
+        if self.streamer is not None and self.plan.shards == 1:
+            self.streamer.release()
         placer = self._placers.get(id(module))
         return placer.on_device() if placer is not None else contextlib.nullcontext(module)
 

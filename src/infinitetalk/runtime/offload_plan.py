@@ -6,7 +6,8 @@ dtype / fp8, the speakers and guidance passes it returns an `OffloadPlan` that
 `runtime.offload.Offloader` carries out. Nothing is loaded and no device is touched.
 
 Memory is accounted per phase of a job; the GPU holds, in every phase, the DiT's non-block
-parameters, its resident blocks and (when any block streams) two block slots:
+parameters and its resident blocks, and in the sampling phase (when any block streams) two block
+slots (the streamer allocates them for the first block and releases them when another model runs):
 * "text": + umT5 parameters and activations (or nothing when umT5 runs on the CPU);
 * "audio", "clip": + wav2vec2 / CLIP parameters and `ENCODER_ACTIVATION_FRACTION` of them;
 * "encode": + VAE parameters + the encode's activations (the window's conditioning video: the
@@ -62,8 +63,21 @@ PINNED_ARENA_BYTES = GiB
 FFN_CHUNK_CHOICES = (1, 2, 4, 8, 16)
 VAE_TILE = 32
 """Latent pixels per tile side of the tiled VAE decode (`DecodeTiling` default)."""
-VAE_LIVE_ACTIVATIONS = 5
-"""Full-resolution VAE activations alive at once (input, normed/padded input, conv output, residual, cache)."""
+VAE_STEP_ACTIVATIONS = 32.2
+"""VAE memory per latent frame of a step, in full-resolution activations of the first level's width c (4 video
+frames of about 8 live tensors each: input, float32 norm, padded conv input, conv output, residual, caches)."""
+VAE_DECODE_FIXED = 25.0
+"""Decode memory of a step besides its frames, in the same units (the 2 causal cache frames of every level and
+the wider activations of the upsampling stages)."""
+VAE_ENCODE_FIXED = 20.1
+"""Encode memory of a step besides its frames, in the same units."""
+VAE_TILED_WHOLE_STAGES = 12.1
+"""Tiled decode: the stages before the split (run on whole frames), in the same units per frame pixel."""
+# The four constants bound the peak live bytes of the code as it runs, traced on the meta device
+# (`runtime.memory_trace`) for the reference and the fast VAE path (the fast path's norm + SiLU run
+# eagerly in float32, which holds more than its compiled kernel): decode 56.8-57.0 units with one
+# latent frame per step and 153.1 with four, encode 52.1 and 148.8, at 256x448 to 1920x512.
+# tests/test_offload_plan.py traces them again and checks every VAE term against the trace.
 VAE_CHOICES = ((False, 4), (False, 1), (True, 1))
 """(tiled decode, latent frames per VAE step), cheapest first."""
 
@@ -103,6 +117,7 @@ class OffloadModels:
     text_len: int
     fp8: bool
     longest_side: Optional[int] = None
+    vae_tile_halo: int = 6  # latent pixels of halo around a tile of the tiled decode (`WanVAE.decoder.tiling_split`)
 
     @property
     def num_blocks(self) -> int:
@@ -154,7 +169,7 @@ class OffloadModels:
             text_encoder=module_bytes(text), clip=module_bytes(clip), vae=module_bytes(vae),
             audio_encoder=module_bytes(audio), dtype_bytes=_dtype_bytes(dtype), vae_dtype_bytes=_dtype_bytes(vae_dtype),
             vae_dim=vae_config.dim * vae_config.dim_mult[0], text_dim=text_config.dim, text_ffn=text_config.dim_ffn,
-            text_len=dit_config.text_len, fp8=fp8, longest_side=longest_side,
+            text_len=dit_config.text_len, fp8=fp8, longest_side=longest_side, vae_tile_halo=_latent_halo(vae),
         )
 
     def with_dit(self, dit: torch.nn.Module) -> "OffloadModels":
@@ -238,27 +253,46 @@ def vae_step_frames(chunk_latents: int) -> int:
     return 4 * chunk_latents + 2
 
 
+def _latent_halo(vae) -> int:
+    """Latent pixels of halo the tiled decode adds around a tile core of this VAE."""
+    _split, factor, halo = vae.decoder.tiling_split()
+    return -(-halo // factor)
+
+
+def vae_tile_pixels(models: OffloadModels, height: int, width: int) -> int:
+    """Pixels of the largest tile (core and halos) the tiled decode cuts a height x width frame into."""
+    def extent(pixels: int) -> int:
+        length, halo = pixels // 8, models.vae_tile_halo
+        cores = [(a, min(a + VAE_TILE, length)) for a in range(0, length, VAE_TILE)]
+        return 8 * max(min(length, b + halo) - max(0, a - halo) for a, b in cores)
+
+    return extent(height) * extent(width)
+
+
 def vae_decode_bytes(models: OffloadModels, height: int, width: int, frame_num: int = 81, tiled: bool = False,
                      chunk_latents: int = 1) -> int:
-    """Decode peak: the float32 output video, plus `VAE_LIVE_ACTIVATIONS` full-resolution activations of
-    one step (`vae_step_frames`) over the frame or, tiled, over one tile with its halos
-    (and the whole-frame coarse stage kept for the window: half the width at 1/4 of the pixels)."""
+    """Decode peak: the float32 output video, plus `VAE_DECODE_FIXED + VAE_STEP_ACTIVATIONS x chunk`
+    full-resolution activations (width c) of one step over the frame. Tiled, the split-resolution
+    output of the whole window is kept (2c channels at 1/16 of the pixels, 1 + 2 (T - 1) frames), and
+    on top of it the larger of the whole-frame stages (`VAE_TILED_WHOLE_STAGES`) and one step over
+    the largest tile (`vae_tile_pixels`)."""
     out = 3 * frame_num * height * width * 4
     c, s = models.vae_dim, models.vae_dtype_bytes
-    if tiled:
-        side = (VAE_TILE + 2 * 6) * 8
-        area = min(height, side) * min(width, side)
-        coarse = (2 * c) * ((frame_num - 1) // 4 + 1) * (height // 4) * (width // 4) * s
-    else:
-        area, coarse = height * width, 0
-    return out + VAE_LIVE_ACTIVATIONS * c * vae_step_frames(chunk_latents) * area * s + coarse
+    step = VAE_DECODE_FIXED + VAE_STEP_ACTIVATIONS * chunk_latents
+    area = height * width
+    if not tiled:
+        return out + math.ceil(step * c * area * s)
+    latents = (frame_num - 1) // 4 + 1
+    kept = 2 * c * (1 + 2 * (latents - 1)) * area // 16 * s
+    return out + kept + math.ceil(max(VAE_TILED_WHOLE_STAGES * area, step * vae_tile_pixels(models, height, width)) * c * s)
 
 
 def vae_encode_bytes(models: OffloadModels, height: int, width: int, frame_num: int = 81, chunk_latents: int = 1) -> int:
     """Encode peak (the window's conditioning video): the float32 input video, plus
-    `VAE_LIVE_ACTIVATIONS` full-resolution activations of one step (`vae_step_frames`)."""
+    `VAE_ENCODE_FIXED + VAE_STEP_ACTIVATIONS x chunk` full-resolution activations (width c) of one step."""
     c, s = models.vae_dim, models.vae_dtype_bytes
-    return 3 * frame_num * height * width * 4 + VAE_LIVE_ACTIVATIONS * c * vae_step_frames(chunk_latents) * height * width * s
+    step = VAE_ENCODE_FIXED + VAE_STEP_ACTIVATIONS * chunk_latents
+    return 3 * frame_num * height * width * 4 + math.ceil(step * c * height * width * s)
 
 
 def pinned_arena_bytes(streamed_bytes: int) -> int:
@@ -435,7 +469,10 @@ def plan_offload(
                split: int = 1, vae_chunks: int = 1) -> dict:
         # streamed blocks: nothing on this GPU (host memory), or ceil(b / split) each (split over the ranks)
         shards = (n - resident) * math.ceil(b / split) if split > 1 else 0
-        dit = models.dit_fixed + resident * b + shards + (2 * b if resident < n else 0)
+        dit = models.dit_fixed + resident * b + shards
+        slots = 2 * b if resident < n else 0  # allocated by the first block, released when another model runs
+        if split > 1:  # sharded: the slots stay (the ranks gather in lockstep), in every phase
+            dit, slots = dit + slots, 0
         enc = models.clip + models.audio_encoder + models.vae if encoders_resident else 0
         t5 = models.text_encoder if text == "resident" else 0
         base = dit + enc + t5
@@ -446,7 +483,7 @@ def plan_offload(
             "clip": base + (0 if encoders_resident else models.clip) + encoder_activation_bytes(models.clip),
             "encode": base + (0 if encoders_resident else models.vae)
             + vae_encode_bytes(models, height, width, frame_num, vae_chunks),
-            "sampling": base + conditions_bytes(models, prompts, cache != "none", speakers, latent_frames)
+            "sampling": base + slots + conditions_bytes(models, prompts, cache != "none", speakers, latent_frames)
             + dit_activation_bytes(models, tokens, batch=batch, ffn_chunks=chunks, speakers=speakers),
             "vae": base + (0 if encoders_resident else models.vae)
             + vae_decode_bytes(models, height, width, frame_num, tiled, vae_chunks),
@@ -522,11 +559,12 @@ def min_budget(models: OffloadModels, *, size: int = 480, speakers: int = 1, pas
     height, width = largest_bucket(size, models.longest_side)
     tokens = dit_tokens(models.dit_config, height, width, frame_num)
     b = models.dit_block
-    dit = models.dit_fixed + (2 * b if models.num_blocks else 0)
+    dit = models.dit_fixed
+    slots = 2 * b if models.num_blocks else 0
     need = max(
         dit + models.audio_encoder + encoder_activation_bytes(models.audio_encoder),
         dit + models.clip + encoder_activation_bytes(models.clip),
-        dit + conditions_bytes(models, 2 if passes == 3 else 1, False, speakers, (frame_num - 1) // 4 + 1)
+        dit + slots + conditions_bytes(models, 2 if passes == 3 else 1, False, speakers, (frame_num - 1) // 4 + 1)
         + dit_activation_bytes(models, tokens, batch=batch, ffn_chunks=FFN_CHUNK_CHOICES[-1], speakers=speakers),
         dit + models.vae + vae_decode_bytes(models, height, width, frame_num, True),
         dit + models.vae + vae_encode_bytes(models, height, width, frame_num),
