@@ -154,6 +154,8 @@ class Job:
     def placed(self, module):
         import contextlib
 
+        if self.streamer is not None:  # as the Offloader does: the block slots are freed while another model runs
+            self.streamer.release()
         placer = self.placers.get(id(module))
         return placer.on_device() if placer is not None else contextlib.nullcontext()
 
@@ -303,6 +305,7 @@ def run(args) -> dict:
     for gb in sorted(budgets, reverse=True):
         key = f"{gb:g}GB"
         print(f"--- budget {key}", flush=True)
+        case: dict = {}
         try:
             if args.tiny:  # stream every block of the 4-layer tiny DiT on the CPU
                 plan = plan_offload(job.models, GiB, size=args.size)
@@ -334,6 +337,8 @@ def run(args) -> dict:
         except Exception as exc:  # keep going: one failing budget must not lose the others
             traceback.print_exc()
             result["errors"][key] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            if "plan" in case:  # what the failing run had planned
+                result.setdefault("failed_plans", {})[key] = case["plan"]
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 result.setdefault("oom_live_allocations", {})[key] = live_allocations()
         finally:
