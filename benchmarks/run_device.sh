@@ -16,6 +16,7 @@
 #   bash benchmarks/run_device.sh window       # one --preset fast window: bf16, fp8, fp8 + fp8 attention
 #   bash benchmarks/run_device.sh offload-tests  # GPU tests of the VRAM-budget offloading
 #   bash benchmarks/run_device.sh offload 480 fp8 [24,16,12,8,6]  # budgets emulated with a memory fraction (H200)
+#   bash benchmarks/run_device.sh v17a / v17b  # offload GPU tests + 480p fp8 6 GB windows / 720p windows
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
 # carry .bench) and the commit in .bench/COMMIT (`git rev-parse HEAD > .bench/COMMIT`), since
@@ -236,6 +237,19 @@ case "$what" in
     step 150 python3 benchmarks/random_layout.py --out /tmp/w14
     STEP_TAIL=30 step 230 python3 -m infinitetalk generate --weights /tmp/w14 --vram 8 --image "$INFINITETALK_SHARED/media/portrait.png" \
       --audio "$INFINITETALK_SHARED/media/speaker1.wav" --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4"
+    ;;
+  v17a)  # after the traced VAE terms, slots freed outside sampling, expandable segments, views outside inference
+         # mode: the offload GPU tests and the determinism check, then 480p fp8 under 6 GB (window, 1 and 2 speakers)
+    step 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py
+    step 100 python3 benchmarks/check_stream_determinism.py --out "$OUT/stream_determinism.json"
+    step 260 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1,2 --reps 2 \
+      --no-pageable --out "$OUT/offload_480_fp8.json"
+    ;;
+  v17b)  # 720p windows: fp8 under 12 GB, bf16 under 16 GB (one speaker), pinned vs pageable on the first
+    step 290 python3 benchmarks/bench_offload.py --size 720 --dtype fp8 --budgets 12 --speakers 1 --reps 2 \
+      --out "$OUT/offload_720_fp8.json"
+    step 290 python3 benchmarks/bench_offload.py --size 720 --dtype bf16 --budgets 16 --speakers 1 --reps 2 --no-pageable \
+      --out "$OUT/offload_720_bf16.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
