@@ -129,7 +129,11 @@ def test_offloader_switches_on_expandable_segments(monkeypatch):
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    import gc
+
     assert use_expandable_segments("cuda")
-    x = torch.empty(64 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    gc.collect()
+    torch.cuda.empty_cache()  # no cached fixed segment to take the block from
+    x = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")
     segments = [s for s in torch.cuda.memory_snapshot() if s["address"] <= x.data_ptr() < s["address"] + s["total_size"]]
     assert segments and segments[0].get("is_expandable", False)

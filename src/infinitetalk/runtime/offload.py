@@ -14,7 +14,8 @@ Composed around the modules with forward pre-hooks, never by changing the model 
   devices every call. The trigger is a pre-hook on the block (run outside torch.compile) plus
   pre-hooks on its submodules for the eager calls that use a block's layers outside its forward
   (`cross_attn.context_kv`, `audio_cross_attn.audio_kv`). On the CPU the same code runs
-  without streams or events.
+  without streams or events. The slots are allocated by the first block that needs them and
+  freed by `release()` while another model runs (the `Offloader` does that in `placed`).
 * `ModulePlacer` moves a model (umT5, CLIP, wav2vec2, VAE) onto the device only inside
   `with placer.on_device():`, keeping its host copy (pinned on CUDA) so nothing is reallocated.
 * `Offloader` applies an `OffloadPlan` (see `runtime.offload_plan`) to the pipeline's models.
@@ -120,7 +121,6 @@ def _normal_tensors():
     key, which fails the guards of blocks compiled on ordinary parameters, and the recompiled graph
     costs a compilation and may pick other kernels (other bits) than the resident one."""
     return torch.inference_mode(False)
-
 
 
 class BlockStreamer:
@@ -380,6 +380,8 @@ class Offloader:
         self.streamer: Optional[BlockStreamer] = None
         self._placers: dict[int, ModulePlacer] = {}
         self.expandable_segments = use_expandable_segments(self.device)
+        if self.expandable_segments:
+            log.info("CUDA allocator: expandable segments (a budget fragments fixed ones)")
 
     def prepare_dit(self, dit: nn.Module) -> nn.Module:
         """Move the DiT's non-block parts and its resident blocks to the device (streamed ones stay)."""
