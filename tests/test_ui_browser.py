@@ -14,6 +14,7 @@ Chromium or Playwright the tests skip, unless INFINITETALK_REQUIRE_BROWSER=1 (CI
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -175,8 +176,8 @@ def _fetch(server, src: str) -> bytes:
     return response.content
 
 
-# Records, in the page, every new source of the preview player with the progress shown at that
-# moment (state and finished windows), so the check does not race the job from outside the page.
+# Records, in the page, every new source of the preview player (with the progress shown at that
+# moment, for the failure message), so the check does not race the job from outside the page.
 WATCH_PREVIEW = """() => {
   window.itPreviews = [];
   const look = () => {
@@ -197,10 +198,13 @@ def test_generate_shows_preview_and_serves_the_video(page, server, tmp_path):
     page.evaluate(WATCH_PREVIEW)
     page.click("#it-generate")
     status = _wait_status(page, ["wrote", "error"], JOB_S)
-    # the frames so far became playable while the rest was made
+    # the frames so far became playable while the rest was made: the page was given a preview of fewer
+    # than the 4 windows (preview_0000N.mp4 holds N; the page is sent previews only while the job runs).
+    # The progress bar's state at the moment the player's source changed is not the test: the player
+    # sets its source asynchronously, and on a busy machine the bar may already say "finished".
     previews = page.evaluate("window.itPreviews")
-    early = [p for p in previews if p["state"] == "running" and 1 <= p["done"] < 4]
-    assert early, previews
+    windows = [int(m.group(1)) for p in previews if (m := re.search(r"preview_(\d+)\.mp4", p["src"]))]
+    assert any(1 <= n < 4 for n in windows), previews
     assert status.startswith("wrote portrait.mp4 (50 frames, 2.00 s)"), status
     progress = page.locator("#it-progress-box").inner_text()
     assert "windows 4/4 · frames 50/50" in progress and "done: 50 frames" in progress
