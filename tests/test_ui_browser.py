@@ -225,23 +225,27 @@ def test_generate_shows_preview_and_serves_the_video(page, server, tmp_path):
 
 
 def test_cancel_midway_then_resume(page, server, tmp_path):
-    _short_job(page, "2")  # 50 frames: 4 windows
+    # 100 frames: windows of 21, 33, ..., 93 and 100 frames (8). Enough windows left after the first
+    # that the cancel lands midway even where a tiny window takes a fraction of a second (with 4
+    # windows, a busy CI machine once finished the job before the click reached it).
+    _short_job(page, "4")
     page.click("#it-generate")
     page.wait_for_selector("#it-progress[data-windows-done='1']", timeout=JOB_S * 1000)
     page.click("#it-cancel")
     status = _wait_status(page, ["cancelled", "wrote", "error"], 60)
     assert status.startswith("cancelled;") and "finished window(s) kept" in status, status
-    done = int(page.locator("#it-progress").get_attribute("data-windows-done"))
-    assert 1 <= done < 4
+    bar = page.locator("#it-progress")
+    done, total = int(bar.get_attribute("data-windows-done")), int(bar.get_attribute("data-windows"))
+    assert total == 8 and 1 <= done < total
     # the interrupted job is offered for resuming
     page.locator("#it-interrupted input").click()
-    option = page.locator("[role=option]", has_text=f"({done}/4 windows done)")
+    option = page.locator("[role=option]", has_text=f"({done}/{total} windows done)")
     option.first.click(timeout=10_000)
     page.click("#it-resume")
     status = _wait_status(page, ["wrote", "error"], JOB_S)
-    assert status.startswith("wrote portrait.mp4 (50 frames, 2.00 s)"), status
-    assert f"resuming at window {done + 1}/4" in page.locator("#it-progress-box").inner_text()
-    _check_mp4(_fetch(server, page.locator("#it-result video").get_attribute("src")), tmp_path / "r.mp4", 50)
+    assert status.startswith("wrote portrait.mp4 (100 frames, 4.00 s)"), status
+    assert f"resuming at window {done + 1}/{total}" in page.locator("#it-progress-box").inner_text()
+    _check_mp4(_fetch(server, page.locator("#it-result video").get_attribute("src")), tmp_path / "r.mp4", 100)
     page.click("#it-refresh")
     page.locator("#it-interrupted input").click()
     time.sleep(1.0)
