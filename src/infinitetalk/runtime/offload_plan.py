@@ -261,10 +261,13 @@ def _latent_halo(vae) -> int:
 
 def vae_tile_pixels(models: OffloadModels, height: int, width: int) -> int:
     """Pixels of the largest tile (core and halos) the tiled decode cuts a height x width frame into."""
+    from ..models.vae import DecodeTiling
+
+    tiling = DecodeTiling(VAE_TILE)
+
     def extent(pixels: int) -> int:
         length, halo = pixels // 8, models.vae_tile_halo
-        cores = [(a, min(a + VAE_TILE, length)) for a in range(0, length, VAE_TILE)]
-        return 8 * max(min(length, b + halo) - max(0, a - halo) for a, b in cores)
+        return 8 * max(min(length, b + halo) - max(0, a - halo) for a, b in tiling.cores(length))
 
     return extent(height) * extent(width)
 
