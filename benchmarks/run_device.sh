@@ -251,5 +251,9 @@ case "$what" in
     step 290 python3 benchmarks/bench_offload.py --size 720 --dtype bf16 --budgets 16 --speakers 1 --reps 2 --no-pageable \
       --out "$OUT/offload_720_bf16.json"
     ;;
+  v17c)  # 720p fp8 window under 12 GB in one call: forwards once, the budgeted window without its warm-up
+    step 560 python3 benchmarks/bench_offload.py --size 720 --dtype fp8 --budgets 12 --speakers 1 --reps 1 \
+      --no-pageable --cold-budget-window --out "$OUT/offload_720_fp8.json"
+    ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
