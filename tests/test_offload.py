@@ -266,7 +266,7 @@ def test_pipeline_with_streamed_dit_matches_resident(media_dir):
     plan = plan_offload(OffloadModels.tiny(), int(0.5 * GiB), size=480)
     # the tiny DiT has two blocks, which fit in the two slots; stream one of them
     plan = dataclasses.replace(plan, resident_blocks=1, host_store="pinned", encoders_resident=False, text_encoder="gpu",
-                               vae_tiling=False, ffn_chunks=2, vae_chunk_latents=1)
+                               vae_tile=0, ffn_chunks=2, vae_chunk_latents=1)
     streamed = InfiniteTalk.from_pretrained(model="tiny", device="cpu", vram_budget=plan)
     offload = streamed.components.offload
     assert offload.streamer is not None and streamed.components.dit.ffn_chunks == 2

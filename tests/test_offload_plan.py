@@ -18,6 +18,7 @@ from infinitetalk.runtime.offload_plan import (
     GiB,
     HOST_MARGIN_BYTES,
     RESERVE_FRACTION,
+    VAE_TILES,
     OffloadModels,
     min_budget,
     plan_offload,
@@ -100,9 +101,9 @@ def _phases(m: OffloadModels, plan, size: int) -> dict:
     act += n * 4 * 16 * 4 * 2 + (n * D * s if plan.speakers == 2 else 0)
     out = 3 * 81 * h * w * 4
     step = 25.0 + 32.2 * plan.vae_chunk_latents  # VAE_DECODE_FIXED + VAE_STEP_ACTIVATIONS per latent frame
-    if plan.vae_tiling:
-        # latent cores of 32 with 6 latent pixels of halo: 44 x 38 latent pixels at most, for both buckets
-        tile = 352 * 304
+    if plan.vae_tile:
+        # latent cores of plan.vae_tile with 6 latent pixels of halo (cores of 32: 44 x 38 latent pixels at most)
+        tile = _tile_extent(h // 8, plan.vae_tile) * _tile_extent(w // 8, plan.vae_tile) * 64
         kept = 2 * 96 * (1 + 2 * 20) * h * w // 16 * 2  # split-resolution output of the 21 latent frames
         vae = out + kept + math.ceil(max(12.1 * h * w, step * tile) * 96 * 2)
     else:
@@ -118,6 +119,20 @@ def _phases(m: OffloadModels, plan, size: int) -> dict:
         "sampling": base + slots + cond + act,
         "vae": base + per_call * m.vae + vae,
     }
+
+
+def _tile_extent(length: int, tile: int, halo: int = 6) -> int:
+    """Latent pixels of the widest tile window (core and halos) along an axis of `length` latent pixels."""
+    widest = 0
+    for start in range(0, length, tile):
+        stop = min(start + tile, length)
+        widest = max(widest, min(length, stop + halo) - max(0, start - halo))
+    return widest
+
+
+def test_tile_extent_of_the_32_tiles():
+    assert (_tile_extent(48, 32), _tile_extent(136, 32)) == (38, 44)  # 480p's largest bucket
+    assert (_tile_extent(64, 64), _tile_extent(240, 64)) == (64, 76)
 
 
 BUDGETS = [4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 40, 48, 64, 80, 96, 120, 140]
@@ -153,6 +168,7 @@ def test_plans_for_every_budget(models, size, fp8, speakers, passes):
                 assert plan.resident_blocks >= previous.resident_blocks
             assert plan.ffn_chunks <= previous.ffn_chunks
             assert not (plan.vae_tiling and not previous.vae_tiling)
+            assert not previous.vae_tile or not plan.vae_tile or plan.vae_tile >= previous.vae_tile  # larger tiles
             assert plan.vae_chunk_latents >= previous.vae_chunk_latents
         previous = plan
         assert f"{plan.resident_blocks}/40 blocks resident" in plan.describe()
@@ -265,7 +281,7 @@ def test_vae_step_model_covers_the_measured_encode(models):
     assert plan_offload(m, 140 * GiB, size=480).vae_chunk_latents == 4  # room: the full VAE step
 
 
-def _vae_traces(vae, height: int, width: int, fast, frame_num: int = 81) -> dict:
+def _vae_traces(vae, height: int, width: int, fast, tiles, frame_num: int = 81) -> dict:
     """Peak live bytes of the VAE's encode / decode as the code runs them, traced on the meta device."""
     from infinitetalk.models.vae import DecodeTiling
     from infinitetalk.runtime.memory_trace import peak_live_bytes
@@ -278,14 +294,16 @@ def _vae_traces(vae, height: int, width: int, fast, frame_num: int = 81) -> dict
     def latent():
         return torch.empty(1, z, latents, height // 8, width // 8, device="meta")
 
-    return {
-        ("encode", 1, False): peak_live_bytes(lambda: vae.encode(video(), chunk_latents=1, fast=fast)),
-        ("encode", 4, False): peak_live_bytes(lambda: vae.encode(video(), chunk_latents=4, fast=fast)),
-        ("decode", 1, False): peak_live_bytes(lambda: vae.decode(latent(), chunk_latents=1, fast=fast)),
-        ("decode", 4, False): peak_live_bytes(lambda: vae.decode(latent(), chunk_latents=4, fast=fast)),
-        ("decode", 1, True): peak_live_bytes(lambda: vae.decode(latent(), chunk_latents=1, fast=fast,
-                                                                tiling=DecodeTiling())),
+    traces = {  # (operation, latent frames per step, decode tile: 0 = whole frames) -> bytes
+        ("encode", 1, 0): peak_live_bytes(lambda: vae.encode(video(), chunk_latents=1, fast=fast)),
+        ("encode", 4, 0): peak_live_bytes(lambda: vae.encode(video(), chunk_latents=4, fast=fast)),
+        ("decode", 1, 0): peak_live_bytes(lambda: vae.decode(latent(), chunk_latents=1, fast=fast)),
+        ("decode", 4, 0): peak_live_bytes(lambda: vae.decode(latent(), chunk_latents=4, fast=fast)),
     }
+    for tile in tiles:
+        traces["decode", 1, tile] = peak_live_bytes(
+            lambda: vae.decode(latent(), chunk_latents=1, fast=fast, tiling=DecodeTiling(tile)))
+    return traces
 
 
 @pytest.mark.parametrize("which", ["14b", "tiny"])
@@ -311,12 +329,13 @@ def test_vae_terms_bound_the_traced_peak(which):
         vae = WanVAE(config).to(dtype)
     assert models.vae_tile_halo * 2 == vae.decoder.tiling_split()[2]  # 6 latent pixels (12 at the split)
     height, width = largest_bucket(480, side)
+    tiles = VAE_TILES if which == "14b" else (4, 8)  # the tiny bucket is 16 x 16 latent pixels
     for fast in paths:
-        for (op, chunk, tiled), traced in _vae_traces(vae, height, width, fast).items():
+        for (op, chunk, tile), traced in _vae_traces(vae, height, width, fast, tiles).items():
             if op == "encode":
                 planned = vae_encode_bytes(models, height, width, 81, chunk_latents=chunk)
             else:
-                planned = vae_decode_bytes(models, height, width, 81, tiled=tiled, chunk_latents=chunk)
-            assert traced <= planned, (op, chunk, tiled, fast, traced / GiB, planned / GiB)
+                planned = vae_decode_bytes(models, height, width, 81, tile=tile, chunk_latents=chunk)
+            assert traced <= planned, (op, chunk, tile, fast, traced / GiB, planned / GiB)
             if which == "14b":  # the bf16 GPU path the constants follow (float32 VAEs hold relatively less)
-                assert planned <= 1.25 * traced, (op, chunk, tiled, fast, traced / GiB, planned / GiB)
+                assert planned <= 1.25 * traced, (op, chunk, tile, fast, traced / GiB, planned / GiB)

@@ -18,9 +18,10 @@ The VAE runs `vae_chunk_latents` latent frames (4 x that many video frames, plus
 frames) per step: 4 (`VAEFastOptions.chunk_latents`, fewer launches) or 1 (the official step, a
 third of the activation memory).
 The knobs that cost time are switched on only where a phase needs them, cheapest first:
-umT5 on the CPU (text phase), one latent frame per VAE step and then the tiled decode (encode
-and vae phases), FFN chunks and then uncached conditions (sampling phase); every byte left then
-holds resident DiT blocks. A fraction
+umT5 on the CPU (text phase), one latent frame per VAE step and then the tiled decode with the
+largest tile that fits (`VAE_TILES`: larger tiles recompute less halo and run fewer tile shapes;
+encode and vae phases), FFN chunks and then uncached conditions (sampling phase); every byte left
+then holds resident DiT blocks. A fraction
 `RESERVE_FRACTION` of the budget stays free for allocator rounding and kernel workspaces.
 
 Activation model of one DiT forward (B samples of L tokens, width d, FFN width f, s bytes per
@@ -61,8 +62,10 @@ HOST_MARGIN_BYTES = 4 * GiB
 PINNED_ARENA_BYTES = GiB
 """The host arena slab of the pinned store (`runtime.block_store.ARENA_BYTES`): a power of two, 1 GiB."""
 FFN_CHUNK_CHOICES = (1, 2, 4, 8, 16)
-VAE_TILE = 32
-"""Latent pixels per tile side of the tiled VAE decode (`DecodeTiling` default)."""
+VAE_TILES = (128, 64, 32)
+"""Latent pixels per tile side the tiled VAE decode may use, largest first (32: the `DecodeTiling` default).
+The halo work of the tiled levels at 720x1280 is 1.65x the untiled work with 32, 1.30x with 64
+(`DecodeTiling.overhead`); a tile never costs more memory than a smaller one needs plus its area."""
 VAE_STEP_ACTIVATIONS = 32.2
 """VAE memory per latent frame of a step, in full-resolution activations of the first level's width c (4 video
 frames of about 8 live tensors each: input, float32 norm, padded conv input, conv output, residual, caches)."""
@@ -78,8 +81,8 @@ VAE_TILED_WHOLE_STAGES = 12.1
 # eagerly in float32, which holds more than its compiled kernel): decode 56.8-57.0 units with one
 # latent frame per step and 153.1 with four, encode 52.1 and 148.8, at 256x448 to 1920x512.
 # tests/test_offload_plan.py traces them again and checks every VAE term against the trace.
-VAE_CHOICES = ((False, 4), (False, 1), (True, 1))
-"""(tiled decode, latent frames per VAE step), cheapest first."""
+VAE_CHOICES = ((0, 4), (0, 1), *((tile, 1) for tile in VAE_TILES))
+"""(decode tile in latent pixels, 0 = whole frames; latent frames per VAE step), cheapest first."""
 
 
 def _dtype_bytes(dtype: torch.dtype) -> int:
@@ -259,11 +262,12 @@ def _latent_halo(vae) -> int:
     return -(-halo // factor)
 
 
-def vae_tile_pixels(models: OffloadModels, height: int, width: int) -> int:
-    """Pixels of the largest tile (core and halos) the tiled decode cuts a height x width frame into."""
+def vae_tile_pixels(models: OffloadModels, height: int, width: int, tile: int = VAE_TILES[-1]) -> int:
+    """Pixels of the largest tile (core and halos) the tiled decode cuts a height x width frame into,
+    with cores of `tile` latent pixels."""
     from ..models.vae import DecodeTiling
 
-    tiling = DecodeTiling(VAE_TILE)
+    tiling = DecodeTiling(tile)
 
     def extent(pixels: int) -> int:
         length, halo = pixels // 8, models.vae_tile_halo
@@ -272,22 +276,22 @@ def vae_tile_pixels(models: OffloadModels, height: int, width: int) -> int:
     return extent(height) * extent(width)
 
 
-def vae_decode_bytes(models: OffloadModels, height: int, width: int, frame_num: int = 81, tiled: bool = False,
+def vae_decode_bytes(models: OffloadModels, height: int, width: int, frame_num: int = 81, tile: int = 0,
                      chunk_latents: int = 1) -> int:
     """Decode peak: the float32 output video, plus `VAE_DECODE_FIXED + VAE_STEP_ACTIVATIONS x chunk`
     full-resolution activations (width c) of one step over the frame. Tiled, the split-resolution
     output of the whole window is kept (2c channels at 1/16 of the pixels, 1 + 2 (T - 1) frames), and
     on top of it the larger of the whole-frame stages (`VAE_TILED_WHOLE_STAGES`) and one step over
-    the largest tile (`vae_tile_pixels`)."""
+    the largest tile (`vae_tile_pixels`; `tile` latent pixels per core side, 0 = untiled)."""
     out = 3 * frame_num * height * width * 4
     c, s = models.vae_dim, models.vae_dtype_bytes
     step = VAE_DECODE_FIXED + VAE_STEP_ACTIVATIONS * chunk_latents
     area = height * width
-    if not tiled:
+    if not tile:
         return out + math.ceil(step * c * area * s)
     latents = (frame_num - 1) // 4 + 1
     kept = 2 * c * (1 + 2 * (latents - 1)) * area // 16 * s
-    return out + kept + math.ceil(max(VAE_TILED_WHOLE_STAGES * area, step * vae_tile_pixels(models, height, width)) * c * s)
+    return out + kept + math.ceil(max(VAE_TILED_WHOLE_STAGES * area, step * vae_tile_pixels(models, height, width, tile)) * c * s)
 
 
 def vae_encode_bytes(models: OffloadModels, height: int, width: int, frame_num: int = 81, chunk_latents: int = 1) -> int:
@@ -332,7 +336,7 @@ class OffloadPlan:
     block_bytes: int
     ffn_chunks: int
     cache_conditions: str  # "context" (text/CLIP keys and values cached, resident) or "none"
-    vae_tiling: bool
+    vae_tile: int  # latent pixels per core side of the tiled decode, 0 = whole frames
     text_encoder: str  # "resident", "gpu" (moved on while it runs) or "cpu" (runs on the host)
     encoders_resident: bool  # CLIP, wav2vec2 and the VAE stay on the GPU (else moved on while they run)
     host_store: str  # "pinned", "mmap" or "none" (nothing streams)
@@ -374,11 +378,15 @@ class OffloadPlan:
         """True when anything leaves the GPU (streamed blocks or models moved on per call)."""
         return self.streams or not self.encoders_resident or self.text_encoder != "resident"
 
+    @property
+    def vae_tiling(self) -> bool:
+        return self.vae_tile > 0
+
     def decode_tiling(self):
         """The `DecodeTiling` to pass to `WanVAE.decode`, or None."""
         from ..models.vae import DecodeTiling
 
-        return DecodeTiling(VAE_TILE) if self.vae_tiling else None
+        return DecodeTiling(self.vae_tile) if self.vae_tile else None
 
     def describe(self) -> str:
         """A few lines for logs and `infinitetalk info --vram`."""
@@ -395,7 +403,7 @@ class OffloadPlan:
             f"non-block parameters {gb(self.dit_fixed)} resident",
             f"  FFN chunks {self.ffn_chunks}; text/CLIP keys and values {'cached' if self.cache_conditions != 'none' else 'recomputed per step'}; "
 f"VAE {self.vae_chunk_latents} latent frame{'s' if self.vae_chunk_latents != 1 else ''} per step, "
-            f"decode {'tiled' if self.vae_tiling else 'whole frames'}",
+            f"decode {f'tiled ({self.vae_tile} latent px tiles)' if self.vae_tile else 'whole frames'}",
             f"  umT5 {self.text_encoder_text()}; CLIP, wav2vec2, VAE "
             f"{'resident' if self.encoders_resident else 'on the GPU only while they run'}",
             "  peak per phase: " + ", ".join(f"{k} {gb(v)}" for k, v in self.phases.items()),
@@ -468,7 +476,7 @@ def plan_offload(
     prompts = 2 if passes == 3 else 1
     n, b = models.num_blocks, models.dit_block
 
-    def phases(resident: int, text: str, encoders_resident: bool, tiled: bool, chunks: int, cache: str,
+    def phases(resident: int, text: str, encoders_resident: bool, tile: int, chunks: int, cache: str,
                split: int = 1, vae_chunks: int = 1) -> dict:
         # streamed blocks: nothing on this GPU (host memory), or ceil(b / split) each (split over the ranks)
         shards = (n - resident) * math.ceil(b / split) if split > 1 else 0
@@ -489,23 +497,23 @@ def plan_offload(
             "sampling": base + slots + conditions_bytes(models, prompts, cache != "none", speakers, latent_frames)
             + dit_activation_bytes(models, tokens, batch=batch, ffn_chunks=chunks, speakers=speakers),
             "vae": base + (0 if encoders_resident else models.vae)
-            + vae_decode_bytes(models, height, width, frame_num, tiled, vae_chunks),
+            + vae_decode_bytes(models, height, width, frame_num, tile, vae_chunks),
         }
 
     def first_fit(resident: int, encoders_resident: bool, text_choices, split: int = 1,
                   vae_choices=VAE_CHOICES) -> Optional[tuple]:
         for text in text_choices:
-            for tiled, vae_chunks in vae_choices:
+            for tile, vae_chunks in vae_choices:
                 for chunks in FFN_CHUNK_CHOICES:
                     for cache in ("context", "none"):
-                        if _fits(phases(resident, text, encoders_resident, tiled, chunks, cache, split, vae_chunks), usable):
-                            return text, tiled, chunks, cache, vae_chunks
+                        if _fits(phases(resident, text, encoders_resident, tile, chunks, cache, split, vae_chunks), usable):
+                            return text, tile, chunks, cache, vae_chunks
         return None
 
     def most_resident(choice: tuple, split: int) -> int:
-        text, tiled, chunks, cache, vae_chunks = choice
+        text, tile, chunks, cache, vae_chunks = choice
         resident = 0
-        while resident < n and _fits(phases(resident + 1, text, False, tiled, chunks, cache, split, vae_chunks), usable):
+        while resident < n and _fits(phases(resident + 1, text, False, tile, chunks, cache, split, vae_chunks), usable):
             resident += 1
         return resident
 
@@ -531,8 +539,8 @@ def plan_offload(
             resident = most_resident(choice, split)
             if resident == n:  # the knobs the split needed leave room for a whole DiT after all
                 split = 1
-    text, tiled, chunks, cache, vae_chunks = choice
-    final = phases(resident, text, encoders_resident, tiled, chunks, cache, split, vae_chunks)
+    text, tile, chunks, cache, vae_chunks = choice
+    final = phases(resident, text, encoders_resident, tile, chunks, cache, split, vae_chunks)
     streamed_bytes = (n - resident) * b if split == 1 else 0
     host_models = (models.text_encoder if text != "resident" else 0) + (
         0 if encoders_resident else models.clip + models.audio_encoder + models.vae
@@ -549,7 +557,7 @@ def plan_offload(
     return OffloadPlan(
         budget=budget, size=size, height=height, width=width, tokens=tokens, fp8=models.fp8, speakers=speakers,
         passes=passes, num_blocks=n, resident_blocks=resident, dit_fixed=models.dit_fixed, block_bytes=b,
-        ffn_chunks=chunks, cache_conditions=cache, vae_tiling=tiled, text_encoder=text,
+        ffn_chunks=chunks, cache_conditions=cache, vae_tile=tile, text_encoder=text,
         encoders_resident=encoders_resident, host_store=store, phases=final,
         host_bytes=host_models + pinned, pinned_bytes=pinned, reserve=reserve, shards=split,
         vae_chunk_latents=vae_chunks,
@@ -569,7 +577,7 @@ def min_budget(models: OffloadModels, *, size: int = 480, speakers: int = 1, pas
         dit + models.clip + encoder_activation_bytes(models.clip),
         dit + slots + conditions_bytes(models, 2 if passes == 3 else 1, False, speakers, (frame_num - 1) // 4 + 1)
         + dit_activation_bytes(models, tokens, batch=batch, ffn_chunks=FFN_CHUNK_CHOICES[-1], speakers=speakers),
-        dit + models.vae + vae_decode_bytes(models, height, width, frame_num, True),
+        dit + models.vae + vae_decode_bytes(models, height, width, frame_num, VAE_TILES[-1]),
         dit + models.vae + vae_encode_bytes(models, height, width, frame_num),
     )
     return math.ceil(need / (1 - RESERVE_FRACTION)) + 1
