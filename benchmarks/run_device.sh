@@ -251,9 +251,15 @@ case "$what" in
     step 290 python3 benchmarks/bench_offload.py --size 720 --dtype bf16 --budgets 16 --speakers 1 --reps 2 --no-pageable \
       --out "$OUT/offload_720_bf16.json"
     ;;
-  v17c)  # 720p fp8 window under 12 GB in one call: forwards once, the budgeted window without its warm-up
+  v17c)  # (commit 41a2e54, run with --cold-budget-window: no warm-up window under the budget) 720p fp8 under 12 GB
     step 560 python3 benchmarks/bench_offload.py --size 720 --dtype fp8 --budgets 12 --speakers 1 --reps 1 \
-      --no-pageable --cold-budget-window --out "$OUT/offload_720_fp8.json"
+      --no-pageable --out "$OUT/offload_720_fp8.json"
+    ;;
+  v18a|v18b)  # after the plan's largest-fitting decode tile: 720p windows, cold (first) and warm (second), one
+              # call each: fp8 under 12 GB (v18a), bf16 under 16 GB (v18b)
+    if [ "$what" = v18a ]; then dt=fp8; gb=12; else dt=bf16; gb=16; fi
+    step 585 python3 benchmarks/bench_offload.py --size 720 --dtype $dt --budgets $gb --speakers 1 --reps 1 \
+      --no-pageable --out "$OUT/offload_720_$dt.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
