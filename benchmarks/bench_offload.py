@@ -257,8 +257,7 @@ def measure_case(job: Job, args, speakers_list, with_window: bool) -> dict:
     for speakers in speakers_list:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        fwd = job.forward_s(speakers, args.reps)
-        entry = {"forward_s": round(fwd, 3)}
+        entry = {} if args.no_forward else {"forward_s": round(job.forward_s(speakers, args.reps), 3)}
         if with_window and speakers == 1:
             # the first window compiles and autotunes what the window has new (VAE shapes, tiles),
             # the second is the steady state a longer job runs at
@@ -330,11 +329,12 @@ def run(args) -> dict:
                 case["forward_pageable_s"] = round(job.forward_s(1, args.reps), 3)
             for spk in speakers:
                 mine, ref = case[f"{spk}spk"], resident[f"{spk}spk"]
-                mine["forward_ratio"] = round(mine["forward_s"] / ref["forward_s"], 3)
+                if "forward_s" in mine and "forward_s" in ref:
+                    mine["forward_ratio"] = round(mine["forward_s"] / ref["forward_s"], 3)
                 if "window_s" in mine and "window_s" in ref:
                     mine["window_ratio"] = round(mine["window_s"] / ref["window_s"], 3)
                     mine["window_cold_ratio"] = round(mine["window_cold_s"] / ref["window_cold_s"], 3)
-            if "2spk" in case and "1spk" in case:
+            if "forward_ratio" in case.get("2spk", {}) and "forward_ratio" in case.get("1spk", {}):
                 case["two_vs_one_speaker"] = round(case["2spk"]["forward_ratio"] / case["1spk"]["forward_ratio"], 3)
             result["cases"][key] = case
         except Exception as exc:  # keep going: one failing budget must not lose the others
@@ -364,7 +364,7 @@ def check_targets(result: dict, size: int, fp8: bool) -> dict:
     checks = {
         "budget_gb": gb, "measured": True,
         "peak_within_budget": one.get("peak_reserved_gb", 1e9) <= gb,
-        "forward_ratio_ok": one.get("forward_ratio", 1e9) <= 1.10,
+        "forward_ratio_ok": one.get("forward_ratio", 1e9) <= 1.10 if "forward_ratio" in one else None,
         "window_ratio_ok": one.get("window_ratio", 1e9) <= 1.10 if "window_ratio" in one else None,
     }
     if "two_vs_one_speaker" in case:
@@ -382,6 +382,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-window", action="store_true", help="DiT forwards only")
+    ap.add_argument("--no-forward", action="store_true",
+                    help="windows only (a 720p bf16 case with two windows per run fits a ten-minute call this way)")
     ap.add_argument("--no-pageable", action="store_true", help="skip the pageable-memory forward")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny random models, every block streamed (CPU check)")

@@ -259,7 +259,7 @@ case "$what" in
               # call each: fp8 under 12 GB (v18a), bf16 under 16 GB (v18b)
     if [ "$what" = v18a ]; then dt=fp8; gb=12; else dt=bf16; gb=16; fi
     step 585 python3 benchmarks/bench_offload.py --size 720 --dtype $dt --budgets $gb --speakers 1 --reps 1 \
-      --no-pageable --out "$OUT/offload_720_$dt.json"
+      --no-pageable --no-forward --out "$OUT/offload_720_$dt.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
