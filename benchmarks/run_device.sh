@@ -17,6 +17,7 @@
 #   bash benchmarks/run_device.sh offload-tests  # GPU tests of the VRAM-budget offloading
 #   bash benchmarks/run_device.sh offload 480 fp8 [24,16,12,8,6]  # budgets emulated with a memory fraction (H200)
 #   bash benchmarks/run_device.sh v17a / v17b  # offload GPU tests + 480p fp8 6 GB windows / 720p windows
+#   bash benchmarks/run_device.sh v18a / v18b / v18c  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16 forward sweep
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
 # carry .bench) and the commit in .bench/COMMIT (`git rev-parse HEAD > .bench/COMMIT`), since
@@ -260,6 +261,10 @@ case "$what" in
     if [ "$what" = v18a ]; then dt=fp8; gb=12; else dt=bf16; gb=16; fi
     step 585 python3 benchmarks/bench_offload.py --size 720 --dtype $dt --budgets $gb --speakers 1 --reps 1 \
       --no-pageable --no-forward --out "$OUT/offload_720_$dt.json"
+    ;;
+  v18c)  # the budget sweep of the DiT forward at 480p bf16 (24 to 6 GB), one and two speakers, pinned vs pageable
+    step 420 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 24,16,12,8,6 --speakers 1,2 --reps 2 \
+      --no-window --out "$OUT/offload_480_bf16_sweep.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
