@@ -74,12 +74,13 @@ VAE_DECODE_FIXED = 25.0
 the wider activations of the upsampling stages)."""
 VAE_ENCODE_FIXED = 20.1
 """Encode memory of a step besides its frames, in the same units."""
-VAE_TILED_WHOLE_STAGES = 12.1
+VAE_TILED_WHOLE_STAGES = 12.2
 """Tiled decode: the stages before the split (run on whole frames), in the same units per frame pixel."""
 # The four constants bound the peak live bytes of the code as it runs, traced on the meta device
 # (`runtime.memory_trace`) for the reference and the fast VAE path (the fast path's norm + SiLU run
 # eagerly in float32, which holds more than its compiled kernel): decode 56.8-57.0 units with one
-# latent frame per step and 153.1 with four, encode 52.1 and 148.8, at 256x448 to 1920x512.
+# latent frame per step and 153.1 with four, encode 52.1 and 148.8, at 256x448 to 1920x512; the
+# whole-frame stages of the tiled decode 12.12 at 1920x512 (where they, not the tile, set the peak).
 # tests/test_offload_plan.py traces them again and checks every VAE term against the trace.
 VAE_CHOICES = ((0, 4), (0, 1), *((tile, 1) for tile in VAE_TILES))
 """(decode tile in latent pixels, 0 = whole frames; latent frames per VAE step), cheapest first."""
