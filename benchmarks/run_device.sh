@@ -17,7 +17,8 @@
 #   bash benchmarks/run_device.sh offload-tests  # GPU tests of the VRAM-budget offloading
 #   bash benchmarks/run_device.sh offload 480 fp8 [24,16,12,8,6]  # budgets emulated with a memory fraction (H200)
 #   bash benchmarks/run_device.sh v17a / v17b  # offload GPU tests + 480p fp8 6 GB windows / 720p windows
-#   bash benchmarks/run_device.sh v18a / v18b / v18c  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16 forward sweep
+#   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
+#                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
 # Needs the parity fixtures under .bench/shared/parity (copy ../shared/parity/dit there and
 # carry .bench) and the commit in .bench/COMMIT (`git rev-parse HEAD > .bench/COMMIT`), since
@@ -265,6 +266,11 @@ case "$what" in
   v18c)  # the budget sweep of the DiT forward at 480p bf16 (24 to 6 GB), one and two speakers, pinned vs pageable
     step 420 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 24,16,12,8,6 --speakers 1,2 --reps 2 \
       --no-window --out "$OUT/offload_480_bf16_sweep.json"
+    ;;
+  v18d)  # the random 14B layout through `generate --vram 6 --fp8` on a GPU capped at 6 GB (the 480p fp8 target, end to end)
+    step 150 python3 benchmarks/random_layout.py --out /tmp/w14
+    STEP_TAIL=30 step 300 python3 benchmarks/generate_capped.py --weights /tmp/w14 --vram 6 --fp8 --image "$INFINITETALK_SHARED/media/portrait.png" \
+      --audio "$INFINITETALK_SHARED/media/speaker1.wav" --preset fast --max-seconds 3 --output "$OUT/random14b_vram6_fp8.mp4"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
