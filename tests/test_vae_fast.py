@@ -73,3 +73,37 @@ def test_options_are_checked(tiny):
         VAEFastOptions(chunk_latents=0)
     with pytest.raises(ValueError, match="chunk_latents"):
         tiny.encode(torch.zeros(1, 3, 1, 16, 16), chunk_latents=0)
+
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """x is contiguous in one of the two layouts (a tile view of a frame is in neither)."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiles_reach_the_norm_kernel_as_dense_tensors(tiny, channels_last):
+    """The tiled decode hands each tile to the decoder as a dense copy, not a view of the frame: the
+    compiled norm kernel guards on strides, and the views (strides of the whole frame) compiled
+    graphs the untiled decode had not, one more per tile layout, up to dynamo's recompile limit (the
+    720p budgeted window on the GPU logged it), after which new shapes ran eagerly."""
+    from infinitetalk.models.vae.blocks import CausalCache, FusedNormAct
+
+    # 16 x 20 latent pixels: tile cores of 4 with a halo of 6 cut real windows (not the whole frame)
+    latent = torch.randn(1, tiny.config.z_dim, 2, 16, 20, generator=torch.Generator().manual_seed(5))
+    whole = tiny.decode(latent, clamp=False)
+    fused = FusedNormAct(compile=False)
+    seen: list[bool] = []
+
+    def recording(x, norm, prev):
+        seen.append(_dense(x))
+        return fused(x, norm, prev)
+
+    fast = VAEFastOptions(channels_last=channels_last, norm_act="fused")
+    tiny._new_cache = lambda _fast: CausalCache(recording)  # the fused kernel, with its inputs recorded
+    try:
+        tiled = tiny.decode(latent, clamp=False, fast=fast, tiling=DecodeTiling(tile=4), chunk_latents=1)
+    finally:
+        del tiny._new_cache
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} norm inputs were views"
+    assert _rel(tiled, whole) < 1e-5

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from ...errors import InternalError
-from .blocks import AttentionBlock, CausalCache, CausalConv3d, FusedNormAct, OutputHead, Resample, ResidualBlock, norm_act_inplace
+from .blocks import (
+    AttentionBlock, CausalCache, CausalConv3d, FusedNormAct, OutputHead, Resample, ResidualBlock, layout_of, norm_act_inplace,
+)
 from .config import DecodeTiling, VAEFastOptions, WanVAEConfig
 
 log = logging.getLogger(__name__)
@@ -278,7 +280,11 @@ class WanVAE(nn.Module):
                 cache = self._new_cache(fast)
                 frame = 0
                 for chunk in coarse:
-                    y = self.decoder(chunk[..., in_top:in_bottom, in_left:in_right], cache, start=split)
+                    # a dense copy of the tile: every tile then has the strides of a whole tensor of its size
+                    # (a view's strides are the frame's, which a compiled norm kernel guards on: one graph more)
+                    part = chunk[..., in_top:in_bottom, in_left:in_right].contiguous(memory_format=layout_of(chunk))
+                    y = self.decoder(part, cache, start=split)
+                    del part
                     y = y[..., (top - in_top) * up : (bottom - in_top) * up, (left - in_left) * up : (right - in_left) * up]
                     out[:, :, frame : frame + y.shape[2], top * up : bottom * up, left * up : right * up] = y
                     frame += y.shape[2]
