@@ -296,7 +296,9 @@ def run(args) -> dict:
     job = Job(args, device)
     speakers = [int(s) for s in args.speakers.split(",")]
     if device.type == "cuda":  # where each live block was allocated, for the out-of-memory report
-        torch.cuda.memory._record_memory_history(max_entries=20000)
+        # live allocations only, Python frames only: no event history, no C++ unwinding per allocation
+        torch.cuda.memory._record_memory_history(enabled="state", context="state", stacks="python")
+        result["memory_history"] = "state, python stacks"
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     print(f"--- resident ({args.size}p, {args.dtype})", flush=True)
     resident = measure_case(job, args, speakers, not args.no_window)
