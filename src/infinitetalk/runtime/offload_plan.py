@@ -65,7 +65,8 @@ FFN_CHUNK_CHOICES = (1, 2, 4, 8, 16)
 VAE_TILES = (128, 64, 32)
 """Latent pixels per tile side the tiled VAE decode may use, largest first (32: the `DecodeTiling` default).
 The halo work of the tiled levels at 720x1280 is 1.65x the untiled work with 32, 1.30x with 64
-(`DecodeTiling.overhead`); a tile never costs more memory than a smaller one needs plus its area."""
+(`DecodeTiling.overhead`); a larger tile needs more memory (one step over its area), so the plan takes
+the largest that fits."""
 VAE_STEP_ACTIVATIONS = 32.2
 """VAE memory per latent frame of a step, in full-resolution activations of the first level's width c (4 video
 frames of about 8 live tensors each: input, float32 norm, padded conv input, conv output, residual, caches)."""
@@ -271,8 +272,7 @@ def vae_tile_pixels(models: OffloadModels, height: int, width: int, tile: int = 
     tiling = DecodeTiling(tile)
 
     def extent(pixels: int) -> int:
-        length, halo = pixels // 8, models.vae_tile_halo
-        return 8 * max(min(length, b + halo) - max(0, a - halo) for a, b in tiling.cores(length))
+        return 8 * max(stop - start for _, _, start, stop in tiling.spans(pixels // 8, models.vae_tile_halo))
 
     return extent(height) * extent(width)
 

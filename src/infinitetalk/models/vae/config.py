@@ -93,10 +93,15 @@ class DecodeTiling:
         """[start, stop) of the tile cores along an axis of `length` pixels (same units as `tile`)."""
         return [(a, min(a + self.tile, length)) for a in range(0, length, self.tile)]
 
+    def spans(self, length: int, halo: int) -> list[tuple[int, int, int, int]]:
+        """(core start, core stop, input start, input stop) of each tile along an axis: the core
+        widened by `halo` on each side, clipped to [0, length)."""
+        return [(a, b, max(0, a - halo), min(length, b + halo)) for a, b in self.cores(length)]
+
     def overhead(self, height: int, width: int, halo: int) -> float:
         """Computed area over frame area when tiling a `height` x `width` grid with `halo` pixels (same units)."""
         def covered(length: int) -> int:
-            return sum(min(length, b + halo) - max(0, a - halo) for a, b in self.cores(length))
+            return sum(stop - start for _, _, start, stop in self.spans(length, halo))
 
         return covered(height) * covered(width) / float(height * width)
 

@@ -273,10 +273,8 @@ class WanVAE(nn.Module):
         height, width = coarse[0].shape[-2:]
         up = self.config.spatial_stride // factor  # output pixels per pixel at the split resolution
         core = DecodeTiling(tiling.tile * factor)
-        for top, bottom in core.cores(height):
-            in_top, in_bottom = max(0, top - halo), min(height, bottom + halo)
-            for left, right in core.cores(width):
-                in_left, in_right = max(0, left - halo), min(width, right + halo)
+        for top, bottom, in_top, in_bottom in core.spans(height, halo):
+            for left, right, in_left, in_right in core.spans(width, halo):
                 cache = self._new_cache(fast)
                 frame = 0
                 for chunk in coarse:
