@@ -366,8 +366,8 @@ def check_targets(result: dict, size: int, fp8: bool) -> dict:
     checks = {
         "budget_gb": gb, "measured": True,
         "peak_within_budget": one.get("peak_reserved_gb", 1e9) <= gb,
-        "forward_ratio_ok": one.get("forward_ratio", 1e9) <= 1.10 if "forward_ratio" in one else None,
-        "window_ratio_ok": one.get("window_ratio", 1e9) <= 1.10 if "window_ratio" in one else None,
+        "forward_ratio_ok": one["forward_ratio"] <= 1.10 if "forward_ratio" in one else None,
+        "window_ratio_ok": one["window_ratio"] <= 1.10 if "window_ratio" in one else None,
     }
     if "two_vs_one_speaker" in case:
         checks["two_speakers_ok"] = case["two_vs_one_speaker"] <= 1.05
