@@ -300,17 +300,33 @@ def test_weights_download_fails_with_its_sentence(page):
     assert page.locator("#it-download-lora-fusionx").is_visible()
 
 
+def _settled_box(image, seconds: float = 30.0) -> dict:
+    """The bounding box of a loaded <img> that is the same on two reads 0.1 s apart (bounded wait)."""
+    deadline = time.monotonic() + seconds
+    last = None
+    while True:
+        loaded = image.evaluate("img => img.complete && img.naturalWidth > 0")
+        box = image.bounding_box()
+        if loaded and box is not None and box == last and box["width"] > 0 and box["height"] > 0:
+            return box
+        assert time.monotonic() < deadline, f"the picture did not settle: loaded={loaded}, box={box}"
+        last = box
+        time.sleep(0.1)
+
+
 def test_two_speakers_boxes_by_clicking_the_picture(page):
     page.set_input_files("#it-image input[type=file]", str(EXAMPLES / "portrait.jpg"))
     page.get_by_label("Two speakers, one after the other (add)").check()
     canvas = page.locator("#it-box-canvas img")
     canvas.wait_for(timeout=30_000)
-    box = canvas.bounding_box()
     hint = page.locator("#it-box-hint")
     for fx, fy in ((0.05, 0.1), (0.45, 0.9), (0.55, 0.1), (0.95, 0.9)):
         # one click at a time: the page ignores a click while the last one is being handled, so
         # wait (bounded) until it answered: a new hint and the picture redrawn with the corner
         before, src = hint.inner_text(), canvas.get_attribute("src")
+        # the size of the picture shown now, once it has loaded and its box stopped changing (a position
+        # taken from a picture still loading fell outside the one shown, on the button below: CI saw that)
+        box = _settled_box(canvas)
         canvas.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
         deadline = time.monotonic() + 30
         while hint.inner_text() == before or canvas.get_attribute("src") == src:
