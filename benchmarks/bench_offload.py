@@ -334,9 +334,17 @@ def run(args) -> dict:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GiB / total), device)
             case.update(measure_case(job, args, speakers, not args.no_window))
             if job.streamer is not None and store == "pinned" and not args.no_pageable:
+                # the same plan with the streamed blocks in pageable host memory; the cap is lifted
+                # while `undo` brings the whole DiT back to the GPU, then set again
+                if total is not None:
+                    torch.cuda.set_per_process_memory_fraction(1.0, device)
                 job.undo()
                 job.apply(plan, "plain")
+                if total is not None:
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GiB / total), device)
                 case["forward_pageable_s"] = round(job.forward_s(1, args.reps), 3)
+                case["pageable_vs_pinned"] = round(case["forward_pageable_s"] / case["1spk"]["forward_s"], 3) \
+                    if "forward_s" in case.get("1spk", {}) else None
             for spk in speakers:
                 mine, ref = case[f"{spk}spk"], resident[f"{spk}spk"]
                 if "forward_s" in mine and "forward_s" in ref:
@@ -351,6 +359,8 @@ def run(args) -> dict:
         except Exception as exc:  # keep going: one failing budget must not lose the others
             traceback.print_exc()
             result["errors"][key] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            if any(k.endswith("spk") for k in case):  # what was measured before the failure
+                result.setdefault("partial_cases", {})[key] = case
             if "plan" in case:  # what the failing run had planned
                 result.setdefault("failed_plans", {})[key] = case["plan"]
             if isinstance(exc, torch.cuda.OutOfMemoryError):

@@ -264,7 +264,9 @@ case "$what" in
       --no-pageable --no-forward --warmup-steps 1 --out "$OUT/offload_720_$dt.json"
     ;;
   v18c)  # the budget sweep of the DiT forward at 480p bf16 (24 to 6 GB), one and two speakers, pinned vs pageable
-    step 420 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 24,16,12,8,6 --speakers 1,2 --reps 2 \
+    # (ran at 010ed5c with --reps 1: every budget failed in the benchmark's own pageable step, which brought
+    # the whole DiT back to the GPU under the budget's cap; fixed since)
+    step 420 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 24,16,12,8,6 --speakers 1,2 --reps 1 \
       --no-window --out "$OUT/offload_480_bf16_sweep.json"
     ;;
   v18d)  # the random 14B layout through `generate --vram 6 --fp8` on a GPU capped at 6 GB (the 480p fp8 target, end to end)
