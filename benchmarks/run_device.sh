@@ -17,6 +17,7 @@
 #   bash benchmarks/run_device.sh offload-tests  # GPU tests of the VRAM-budget offloading
 #   bash benchmarks/run_device.sh offload 480 fp8 [24,16,12,8,6]  # budgets emulated with a memory fraction (H200)
 #   bash benchmarks/run_device.sh v17a / v17b  # offload GPU tests + 480p fp8 6 GB windows / 720p windows
+#   bash benchmarks/run_device.sh sweep 720 fp8 [24,16,12]  # forward sweep over budgets, 1 and 2 speakers, pinned vs pageable
 #   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
 #                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
@@ -268,6 +269,12 @@ case "$what" in
     # the whole DiT back to the GPU under the budget's cap; fixed since)
     step 420 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 24,16,12,8,6 --speakers 1,2 --reps 1 \
       --no-window --out "$OUT/offload_480_bf16_sweep.json"
+    ;;
+  sweep)  # bash benchmarks/run_device.sh sweep SIZE DTYPE [BUDGETS]: the DiT forward under each budget (largest
+          # first), one and two speakers, pinned then pageable; one call per size/dtype, results saved per budget
+    size=${2:-480}; dt=${3:-bf16}; budgets=${4:-24,16,12,8,6}
+    step 570 python3 benchmarks/bench_offload.py --size "$size" --dtype "$dt" --budgets "$budgets" --speakers 1,2 --reps 1 \
+      --no-window --out "$OUT/offload_${size}_${dt}_sweep.json"
     ;;
   v18d)  # the random 14B layout through `generate --vram 6 --fp8` on a GPU capped at 6 GB (the 480p fp8 target, end to end)
     step 150 python3 benchmarks/random_layout.py --out /tmp/w14
