@@ -143,16 +143,22 @@ def _fill(pg, selector: str, value: str) -> None:
 
 
 def _short_job(pg, seconds: str) -> None:
-    """Portrait + speech from examples/, 1 step, windows of 21 frames, cut after `seconds`."""
+    """Portrait + speech from examples/, 1 step, windows of 21 frames, cut after `seconds`.
+
+    The "Advanced" section is opened first and its fields are filled only after the uploads: a value
+    typed into a field the opening section is still mounting can be lost (CI once ran a job with the
+    default 81 frames per window that way), and every value is checked in the page before returning."""
+    pg.get_by_text("Advanced", exact=True).click()
+    pg.locator("#it-frame-num input").wait_for(state="visible")
     pg.set_input_files("#it-image input[type=file]", str(EXAMPLES / "portrait.jpg"))
     pg.set_input_files("#it-audio1 input[type=file]", str(EXAMPLES / "speech.wav"))
     pg.wait_for_selector("#it-audio1 audio, #it-audio1 [data-testid='waveform-Speech of speaker 1']",
                          state="attached", timeout=30_000)
-    _fill(pg, "#it-steps input[type=number]", "1")
-    pg.get_by_text("Advanced", exact=True).click()
-    _fill(pg, "#it-frame-num input", "21")
-    _fill(pg, "#it-max-seconds input", seconds)
-    pg.wait_for_function("document.querySelector('#it-steps input[type=number]').value === '1'", timeout=10_000)
+    values = {"#it-steps input[type=number]": "1", "#it-frame-num input": "21", "#it-max-seconds input": seconds}
+    for selector, value in values.items():
+        _fill(pg, selector, value)
+    check = " && ".join(f"document.querySelector({selector!r}).value === {value!r}" for selector, value in values.items())
+    pg.wait_for_function(check, timeout=10_000)
 
 
 def _check_mp4(data: bytes, path: Path, frames: int) -> None:
