@@ -176,6 +176,13 @@ class Job:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def restream(self, store: str) -> None:
+        """The streamed blocks behind a new streamer with host store `store`. `BlockStreamer.detach` leaves
+        them in host memory, so nothing goes through the GPU (bringing the whole DiT back under the
+        budget's cap ran out of memory at 010ed5c)."""
+        self.streamer.detach()
+        self.streamer = BlockStreamer(self.dit.blocks, self.device, range(self.plan.resident_blocks, len(self.dit.blocks)), store)
+
     def undo(self) -> None:
         if self.streamer is not None:
             self.streamer.detach()
@@ -334,14 +341,7 @@ def run(args) -> dict:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GiB / total), device)
             case.update(measure_case(job, args, speakers, not args.no_window))
             if job.streamer is not None and store == "pinned" and not args.no_pageable:
-                # the same plan with the streamed blocks in pageable host memory; the cap is lifted
-                # while `undo` brings the whole DiT back to the GPU, then set again
-                if total is not None:
-                    torch.cuda.set_per_process_memory_fraction(1.0, device)
-                job.undo()
-                job.apply(plan, "plain")
-                if total is not None:
-                    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GiB / total), device)
+                job.restream("plain")  # the same plan, the streamed blocks in pageable host memory
                 case["forward_pageable_s"] = round(job.forward_s(1, args.reps), 3)
                 case["pageable_vs_pinned"] = round(case["forward_pageable_s"] / case["1spk"]["forward_s"], 3) \
                     if "forward_s" in case.get("1spk", {}) else None
