@@ -15,7 +15,8 @@ random weights of the real model sizes (14B DiT, ViT-H CLIP, Wan VAE) built on t
    `torch.cuda.set_per_process_memory_fraction(budget / total)`, then the same measures; the DiT
    forward also with pageable host memory (the pinned-vs-pageable comparison). Then undone.
 Per case: `peak_reserved_gb` (`max_memory_reserved`), times and their ratios to the resident run
-of this process, the host RSS now and the process's peak RSS, pinned bytes, the plan in words,
+of this process, the host RSS now and its peak since the case began (`host_rss_peak_scope`: "case";
+"process" where /proc/self/clear_refs cannot reset it), pinned bytes, the plan in words,
 and the issue's targets checked (`targets`). The size is the plan's worst case: the largest
 bucket of the set (480: 1088x384, 720: 1920x512).
 Without CUDA (and without --tiny) it writes {"skipped": "no CUDA"} and exits 0. Each budget
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -52,7 +54,8 @@ from infinitetalk.models.image import CLIPVisionConfig, CLIPVisionEncoder  # noq
 from infinitetalk.models.vae import VAEFastOptions, WanVAE, WanVAEConfig  # noqa: E402
 from infinitetalk.generation.guided_dit import GuidedDiT  # noqa: E402
 from infinitetalk.runtime.fast import FastOptions, make_fast  # noqa: E402
-from infinitetalk.runtime.offload import BlockStreamer, ModulePlacer, host_ram_available, use_expandable_segments  # noqa: E402
+from infinitetalk.runtime.offload import (  # noqa: E402
+    BlockStreamer, ModulePlacer, host_ram_available, release_cached_memory, use_expandable_segments)
 from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload  # noqa: E402
 
 TARGETS = {  # (size, fp8) -> GB the issue wants the job to fit, at <= 1.10x the resident time
@@ -65,17 +68,35 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _rss() -> dict:
-    now = None
+def _reset_rss_peak() -> bool:
+    """Start a new host RSS peak here (Linux: writing 5 to /proc/self/clear_refs resets VmHWM).
+
+    Without it the peak is the process's (`ru_maxrss` never goes down), and every budget case of a
+    sweep would report the largest of all the cases before it, transitions between stores included."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss(scope: str) -> dict:
+    """Host RSS now and its peak: since the case began (`scope="case"`) or over the process."""
+    now = hwm = None
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("VmRSS:"):
                     now = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"host_rss_gb": None if now is None else round(now / GiB, 2), "host_rss_peak_gb": round(peak / GiB, 2)}
+    if scope != "case" or hwm is None:
+        scope, hwm = "process", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"host_rss_gb": None if now is None else round(now / GiB, 2), "host_rss_peak_gb": round(hwm / GiB, 2),
+            "host_rss_peak_scope": scope}
 
 
 def live_allocations(top: int = 12) -> list:
@@ -181,6 +202,7 @@ class Job:
         them in host memory, so nothing goes through the GPU (bringing the whole DiT back under the
         budget's cap ran out of memory at 010ed5c)."""
         self.streamer.detach()
+        release_cached_memory()  # the pinned arenas just freed, before the pageable ones are made
         self.streamer = BlockStreamer(self.dit.blocks, self.device, range(self.plan.resident_blocks, len(self.dit.blocks)), store)
 
     def undo(self) -> None:
@@ -193,8 +215,8 @@ class Job:
         self.placers.clear()
         self.dit.ffn_chunks = 1
         self.plan = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        gc.collect()
+        release_cached_memory()  # the next case starts without this one's pinned arenas in PyTorch's host cache
 
     @property
     def cache_conditions(self) -> str:
@@ -261,7 +283,7 @@ class Job:
         return time.perf_counter() - start
 
 
-def measure_case(job: Job, args, speakers_list, with_window: bool) -> dict:
+def measure_case(job: Job, args, speakers_list, with_window: bool, rss_scope: str) -> dict:
     device = job.device
     out = {}
     for speakers in speakers_list:
@@ -281,7 +303,7 @@ def measure_case(job: Job, args, speakers_list, with_window: bool) -> dict:
         if device.type == "cuda":
             entry["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / GiB, 3)
             entry["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / GiB, 3)
-        entry.update(_rss())
+        entry.update(_rss(rss_scope))
         out[f"{speakers}spk"] = entry
     return out
 
@@ -316,7 +338,8 @@ def run(args) -> dict:
         result["memory_history"] = "state, python stacks"
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     print(f"--- resident ({args.size}p, {args.dtype})", flush=True)
-    resident = measure_case(job, args, speakers, not args.no_window)
+    scope = "case" if _reset_rss_peak() else "process"
+    resident = measure_case(job, args, speakers, not args.no_window, scope)
     result["cases"]["resident"] = resident
     save()
     budgets = [float(b) for b in args.budgets.split(",")] if not args.tiny else [0.0]
@@ -324,6 +347,9 @@ def run(args) -> dict:
         key = f"{gb:g}GB"
         print(f"--- budget {key}", flush=True)
         case: dict = {}
+        # the case's host peak starts after the previous case's undo: it covers this plan's store and forwards
+        # (the pageable step comes after the measurement and is not in it)
+        scope = "case" if _reset_rss_peak() else "process"
         try:
             if args.tiny:  # stream every block of the 4-layer tiny DiT on the CPU
                 plan = plan_offload(job.models, GiB, size=args.size)
@@ -339,7 +365,7 @@ def run(args) -> dict:
             case["pinned_gb"] = round(job.streamer.host_bytes / GiB, 3) if job.streamer and store == "pinned" else 0.0
             if total is not None:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GiB / total), device)
-            case.update(measure_case(job, args, speakers, not args.no_window))
+            case.update(measure_case(job, args, speakers, not args.no_window, scope))
             if job.streamer is not None and store == "pinned" and not args.no_pageable:
                 job.restream("plain")  # the same plan, the streamed blocks in pageable host memory
                 case["forward_pageable_s"] = round(job.forward_s(1, args.reps), 3)

@@ -112,6 +112,22 @@ def use_expandable_segments(device: torch.device | str) -> bool:
     return True
 
 
+def release_cached_memory() -> None:
+    """Give the memory that freed models left in PyTorch's caches back: the CUDA allocator's unused
+    segments and the pinned host blocks of its host caching allocator.
+
+    Freed pinned arenas (`HostSource`, `ModulePlacer`) stay page-locked in that cache, counted in
+    the process's RSS, until this runs: a service that drops one pipeline and loads another with a
+    different plan would otherwise hold both stores' host memory. Nothing without CUDA."""
+    if not torch.cuda.is_available():
+        return
+    torch.cuda.empty_cache()
+    accelerator = getattr(torch, "accelerator", None)
+    empty_host = getattr(accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty_host is not None:
+        empty_host()
+
+
 # ---- block streaming ------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ Exactly one of JobFinished / JobFailed / JobCancelled ends the event stream of a
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import threading
@@ -31,6 +32,7 @@ from ..devices import resolve_device
 from ..errors import DeviceOutOfMemoryError, InfiniteTalkError, InputError, JobCancelledError
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
 from ..generation.job_state import OutputLock
+from ..runtime.offload import release_cached_memory
 from .job import JobSpec
 from .validate import check_variant
 
@@ -378,8 +380,8 @@ class JobService:
         while len(self._pipes) >= self.max_models:
             _, old = self._pipes.popitem(last=False)
             del old
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            gc.collect()  # a pipeline's modules hold reference cycles (hooks); free its tensors now
+            release_cached_memory()  # its GPU segments and pinned host arenas, not just back to PyTorch's caches
         tracker = tracker or ProgressTracker()
         with tracker.stage("load", f"loading {settings.model} ({settings.variant}) on {settings.device}"):
             pipe = self._loader(settings)
@@ -392,6 +394,8 @@ class JobService:
 
     def close(self) -> None:
         self._pipes.clear()
+        gc.collect()
+        release_cached_memory()
 
     # ---- running -------------------------------------------------------------------------
     def run(self, spec: JobSpec, progress: Optional[ProgressCallback] = None,
