@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         print(__doc__)
         return 2
     print("| case | budget | peak VRAM | DiT forward vs resident | `--preset fast` window vs resident "
-          "| 2 speakers vs 1 (forward ratio) | blocks resident, host store | host RSS peak | pageable forward |")
+          "| 2 speakers vs 1 (forward ratio) | blocks resident, host store | host RSS peak | pageable forward vs resident |")
     print("|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         for row in rows(path):
