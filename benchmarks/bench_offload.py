@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -215,7 +214,6 @@ class Job:
         self.placers.clear()
         self.dit.ffn_chunks = 1
         self.plan = None
-        gc.collect()
         release_cached_memory()  # the next case starts without this one's pinned arenas in PyTorch's host cache
 
     @property

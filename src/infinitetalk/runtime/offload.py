@@ -28,6 +28,7 @@ not seen and would stay where they are.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from typing import Iterator, Optional, Sequence
@@ -113,12 +114,14 @@ def use_expandable_segments(device: torch.device | str) -> bool:
 
 
 def release_cached_memory() -> None:
-    """Give the memory that freed models left in PyTorch's caches back: the CUDA allocator's unused
-    segments and the pinned host blocks of its host caching allocator.
+    """Free what dropped models still hold and give it back: a garbage collection (modules with hooks
+    sit in reference cycles), then the CUDA allocator's unused segments and the pinned host blocks
+    of PyTorch's host caching allocator.
 
     Freed pinned arenas (`HostSource`, `ModulePlacer`) stay page-locked in that cache, counted in
     the process's RSS, until this runs: a service that drops one pipeline and loads another with a
-    different plan would otherwise hold both stores' host memory. Nothing without CUDA."""
+    different plan would otherwise hold both stores' host memory. Only the collection without CUDA."""
+    gc.collect()
     if not torch.cuda.is_available():
         return
     torch.cuda.empty_cache()

@@ -15,7 +15,6 @@ Exactly one of JobFinished / JobFailed / JobCancelled ends the event stream of a
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import threading
@@ -380,7 +379,6 @@ class JobService:
         while len(self._pipes) >= self.max_models:
             _, old = self._pipes.popitem(last=False)
             del old
-            gc.collect()  # a pipeline's modules hold reference cycles (hooks); free its tensors now
             release_cached_memory()  # its GPU segments and pinned host arenas, not just back to PyTorch's caches
         tracker = tracker or ProgressTracker()
         with tracker.stage("load", f"loading {settings.model} ({settings.variant}) on {settings.device}"):
@@ -394,7 +392,6 @@ class JobService:
 
     def close(self) -> None:
         self._pipes.clear()
-        gc.collect()
         release_cached_memory()
 
     # ---- running -------------------------------------------------------------------------
@@ -421,8 +418,7 @@ class JobService:
                     try:
                         pipe = self.pipeline(job.model, tracker)
                     except OUT_OF_MEMORY as err:
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
+                        release_cached_memory()  # what the failed load had placed, GPU and pinned host
                         raise DeviceOutOfMemoryError(
                             "The GPU ran out of memory while loading the models; give a smaller VRAM budget with "
                             "--vram GB (DiT blocks then stream from host memory), add --fp8, or use --size 480."
