@@ -65,6 +65,7 @@ from .components import (
     tiny_components,
 )
 from .job_state import JobDir, JobState, OutputLock, file_digest
+from ..runtime.host_memory import trim_host_heap
 from .sampler import draw_window_noise, sample_window
 from .windows import Window, WindowPlan, plan_windows
 
@@ -244,6 +245,7 @@ class InfiniteTalk:
             components.offload = offload
         if parallel is not None:
             parallel.wrap_components(components, dev)
+        trim_host_heap()  # the loaders' freed temporaries and packed-away host copies (runtime.host_memory)
         return cls(components, dev, dt)
 
     def memory_plan(self) -> Optional[str]:

@@ -36,6 +36,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .host_memory import trim_host_heap
 from .block_store import ALIGN, Entry, HostSource, ShardedSource, SpillFile, layout, pack_into, point_to, views
 from .offload_plan import GiB, OffloadPlan
 
@@ -122,6 +123,7 @@ def release_cached_memory() -> None:
     the process's RSS, until this runs: a service that drops one pipeline and loads another with a
     different plan would otherwise hold both stores' host memory. Only the collection without CUDA."""
     gc.collect()
+    trim_host_heap()
     if not torch.cuda.is_available():
         return
     torch.cuda.empty_cache()
@@ -173,6 +175,7 @@ class BlockStreamer:
             layouts[i] = layout(blocks[i])
             self._layouts[i] = layouts[i][0]
         self.source.pack(layouts)
+        trim_host_heap()  # the blocks' old host tensors, freed by the packing, leave heap holes (host_memory)
         self._slot_size = max((self.source.slot_bytes(i) for i in self.streamed), default=0)
         self._slots: list[torch.Tensor] = []  # allocated by the first block that needs them (`release` frees them)
         self._slot_of: dict[int, int] = {}  # block -> slot holding it

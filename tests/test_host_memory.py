@@ -1,0 +1,86 @@
+"""runtime.host_memory: the process's resident memory from /proc, and giving freed C-heap pages back.
+
+Real glibc, real /proc: the tests allocate tensors the way the fp8 loader does (after a larger
+block was freed, so glibc serves them from its heap), free some of them in the middle of the
+heap and read the process's anonymous memory before and after."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from infinitetalk.runtime.host_memory import _malloc_trim, process_memory, trim_host_heap
+from infinitetalk.runtime.offload import BlockStreamer
+
+MiB = 2**20
+
+glibc = pytest.mark.skipif(
+    _malloc_trim() is None or process_memory() is None or "MALLOC_MMAP_THRESHOLD_" in os.environ,
+    reason="needs Linux with glibc's malloc_trim and its dynamic mmap threshold",
+)
+
+
+def _raise_mmap_threshold() -> None:
+    """Allocate and free a 16 MiB block (glibc then serves requests below 16 MiB from its heap),
+    then give the heap's free pages back, so that new allocations show in the process's memory."""
+    big = torch.ones(16 * MiB, dtype=torch.uint8)
+    del big
+    trim_host_heap()  # free chunks left by earlier work would hide new allocations from the measure
+
+
+def _anon() -> int:
+    return process_memory().anon
+
+
+def test_process_memory_reads_this_process():
+    mem = process_memory()
+    if mem is None:
+        pytest.skip("no /proc here")
+    assert mem.anon > 0 and mem.rss >= mem.anon and mem.peak_rss >= mem.rss
+    assert mem.held == mem.anon + mem.shmem
+    assert process_memory(2**22 + 12345) is None  # no such process
+
+
+@glibc
+def test_trim_host_heap_gives_freed_heap_pages_back():
+    _raise_mmap_threshold()
+    before = _anon()
+    tensors = [torch.ones(MiB, dtype=torch.uint8) for _ in range(96)]  # 96 MiB, touched
+    assert _anon() - before > 90 * MiB
+    del tensors[::2]  # 48 holes of 1 MiB between kept tensors: free cannot give them back
+    gc_free = _anon() - before
+    assert gc_free > 90 * MiB, "premise: holes in the middle of glibc's heap stay resident after free"
+    assert trim_host_heap()
+    assert _anon() - before < gc_free - 40 * MiB
+    del tensors
+
+
+@glibc
+def test_block_streamer_packing_gives_the_old_host_copies_back():
+    """Packing streamed blocks frees their old tensors; the streamer trims the heap, so the process
+    ends up holding the packed store, not the store plus the old copies."""
+    torch.compiler.disable(lambda: None)  # the streamer's hooks import dynamo: not part of the measure
+    _raise_mmap_threshold()
+    before = _anon()
+    keep = []
+    blocks = nn.ModuleList()
+    for _ in range(6):
+        block = nn.Sequential()
+        for _ in range(8):
+            block.append(nn.Linear(512, 512, bias=False))  # 1 MiB of float32 from the heap
+            keep.append(torch.ones(64 * 1024, dtype=torch.uint8))  # keeps a used chunk after it
+        blocks.append(block)
+    built = _anon() - before
+    assert built > 45 * MiB
+    streamer = BlockStreamer(blocks, "cpu", range(len(blocks)), "plain")
+    store = streamer.host_bytes
+    assert store >= 48 * MiB
+    held = _anon() - before
+    assert held < built + store - 40 * MiB, f"held {held / MiB:.0f} MiB after packing {store / MiB:.0f} MiB"
+    x = torch.randn(2, 512)
+    with torch.no_grad():
+        assert torch.isfinite(blocks[5](x)).all()
+    streamer.detach()
+    del keep
