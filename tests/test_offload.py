@@ -136,10 +136,11 @@ def test_compiled_blocks_stream_without_graph_breaks():
     out = _predict(model, inp, ("cond",), "context", steps=(900.0, 900.0))
     assert torch.equal(out[0], reference[0]) and torch.equal(out[1], reference[0])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    spill = streamer._spill.path
-    assert spill.is_file()
+    spill = streamer._spill
+    assert spill.unlinked and not spill.path.exists()  # mapped, then unlinked: nothing left if the process dies
+    assert spill.data.numel() >= streamer.host_bytes
     streamer.detach()
-    assert not spill.exists()
+    assert streamer._spill is None
     torch._dynamo.reset()
 
 
@@ -308,3 +309,24 @@ def test_expandable_segments_only_on_cuda_and_never_against_the_users_setting(mo
     assert use_expandable_segments("cuda") is False  # the user's word, before anything touches CUDA
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128, expandable_segments:True")
     assert use_expandable_segments("cuda") is True
+
+
+def test_a_killed_process_leaves_no_spill_file(tmp_path):
+    """The memory-mapped store's file is unlinked once mapped: SIGKILL (out-of-memory killer,
+    a stopped container) in the middle of a job leaves nothing in the spill folder."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys, torch\n"
+        "from infinitetalk.runtime.block_store import SpillFile\n"
+        "spill = SpillFile(3 << 20, sys.argv[1])\n"
+        "view = spill.allocate(1 << 20); view.fill_(7); assert int(view.sum()) == 7 << 20\n"
+        "print(len(os.listdir(sys.argv[1])), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert done.stdout.strip() == "0"  # already gone while the process ran
+    assert list(tmp_path.iterdir()) == []

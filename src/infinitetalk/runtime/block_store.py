@@ -99,7 +99,9 @@ def pack_into(entries: Sequence[Entry], slab: torch.Tensor) -> list[torch.Tensor
 class SpillFile:
     """Packed slabs written to one file and memory-mapped back (the host store when RAM is short).
 
-    The file lives in `directory` (default: the system temp folder) and is removed on `close`.
+    The file is made in `directory` (default: the system temp folder) and unlinked as soon as it
+    is mapped: the mapping keeps its pages, and no file is left behind when the process is
+    killed. Where an open file cannot be unlinked (Windows) it is removed on `close`.
     """
 
     def __init__(self, total_bytes: int, directory: Optional[os.PathLike] = None):
@@ -111,6 +113,10 @@ class SpillFile:
         storage = torch.UntypedStorage.from_file(str(self.path), True, max(1, total_bytes))
         self.data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (max(1, total_bytes),))
         self.used = 0
+        self.unlinked = False
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+            self.unlinked = True
 
     def allocate(self, nbytes: int) -> torch.Tensor:
         start = self.used
@@ -119,8 +125,9 @@ class SpillFile:
 
     def close(self) -> None:
         self.data = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if not self.unlinked:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
 
 Layouts = dict  # block index -> (entries, packed bytes)
