@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from infinitetalk.generation.sampler import BlockCache
 from infinitetalk.models.dit import InfiniteTalkDiT, WanDiTConfig
@@ -330,3 +331,36 @@ def test_a_killed_process_leaves_no_spill_file(tmp_path):
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert done.stdout.strip() == "0"  # already gone while the process ran
     assert list(tmp_path.iterdir()) == []
+
+
+def test_module_placer_packs_the_host_copy_into_small_arenas():
+    """The per-call models' host copy lives in `PLACER_ARENA_BYTES` arenas (pinned on CUDA), not one
+    slab that the pinned allocator would round up to a power of two; the same code path on the CPU."""
+    from infinitetalk.runtime.block_store import layout
+    from infinitetalk.runtime.offload import ModulePlacer
+    from infinitetalk.runtime.offload_plan import PLACER_ARENA_BYTES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)).eval()  # 32 MiB of float32
+    x = torch.randn(3, 1024)
+    with torch.no_grad():
+        reference = model(x)
+    _entries, packed = layout(model)
+    placer = ModulePlacer(model, "cpu", pack=True, arena_bytes=8 * 2**20)
+    assert placer.moves and len(placer.source.arenas) > 1
+    assert packed <= placer.host_bytes < packed + 8 * 2**20
+    arenas = [(a.data_ptr(), a.data_ptr() + a.numel()) for a in placer.source.arenas]
+
+    def in_arenas(t):
+        return any(lo <= t.data_ptr() < hi for lo, hi in arenas)
+
+    assert all(in_arenas(p) for p in model.parameters())
+    with placer.on_device(), torch.no_grad():
+        assert not any(in_arenas(p) for p in model.parameters())  # a buffer of its own while it runs
+        with placer.on_device():  # nested: the same buffer
+            inner = model(x)
+        assert not any(in_arenas(p) for p in model.parameters())
+    assert all(in_arenas(p) for p in model.parameters())
+    assert torch.equal(inner, reference)
+    assert ModulePlacer(model, "cpu").host_bytes == 0  # on a CPU device nothing moves by default
+    assert PLACER_ARENA_BYTES == 128 * 2**20

@@ -19,6 +19,7 @@ from infinitetalk.runtime.offload_plan import (
     HOST_MARGIN_BYTES,
     RESERVE_FRACTION,
     VAE_TILES,
+    PLACER_ARENA_BYTES,
     OffloadModels,
     min_budget,
     plan_offload,
@@ -192,7 +193,11 @@ def test_host_memory_pinned_or_mapped(models):
     m = models[False]
     plan = plan_offload(m, 16 * GiB, size=480)
     streamed = plan.streamed_blocks * m.dit_block
-    host_models = m.clip + m.audio_encoder + m.vae + (m.text_encoder if plan.text_encoder != "resident" else 0)
+    assert plan.text_encoder == "gpu" and not plan.encoders_resident
+    # the per-call models in whole 128 MiB arenas (runtime.offload.ModulePlacer)
+    host_models = sum(math.ceil(n / PLACER_ARENA_BYTES) * PLACER_ARENA_BYTES
+                      for n in (m.clip, m.audio_encoder, m.vae, m.text_encoder))
+    assert PLACER_ARENA_BYTES == 128 * 2**20
     pinned = math.ceil(streamed / GiB) * GiB  # whole 1 GiB arenas (runtime.block_store.ARENA_BYTES)
     assert ARENA_BYTES == GiB
     assert plan.host_store == "pinned" and plan.pinned_bytes == pinned and pinned - streamed < GiB

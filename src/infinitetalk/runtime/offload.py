@@ -17,7 +17,7 @@ Composed around the modules with forward pre-hooks, never by changing the model 
   without streams or events. The slots are allocated by the first block that needs them and
   freed by `release()` while another model runs (the `Offloader` does that in `placed`).
 * `ModulePlacer` moves a model (umT5, CLIP, wav2vec2, VAE) onto the device only inside
-  `with placer.on_device():`, keeping its host copy (pinned on CUDA) so nothing is reallocated.
+  `with placer.on_device():`, keeping its host copy (arenas pinned on CUDA) so nothing is reallocated.
 * `Offloader` applies an `OffloadPlan` (see `runtime.offload_plan`) to the pipeline's models.
 
 What streams is every registered parameter and buffer of a block, as the bytes it is (bf16,
@@ -38,7 +38,7 @@ from torch import nn
 
 from .host_memory import trim_host_heap
 from .block_store import ALIGN, Entry, HostSource, ShardedSource, SpillFile, layout, pack_into, point_to, views
-from .offload_plan import GiB, OffloadPlan
+from .offload_plan import PLACER_ARENA_BYTES, GiB, OffloadPlan
 
 __all__ = ["ALIGN", "BlockStreamer", "HostSource", "ModulePlacer", "Offloader", "ShardedSource", "SpillFile",
            "host_ram_available", "resolve_budget", "use_expandable_segments"]
@@ -339,22 +339,30 @@ class BlockStreamer:
 class ModulePlacer:
     """Keeps `module` in host memory and puts it on `device` only inside `on_device()`.
 
-    The host copy is one slab (pinned on CUDA); entering copies it into a device buffer and points
-    the module's tensors at it, leaving points them back and frees the buffer. Nested entries
-    are counted. On a CPU `device` nothing moves.
+    The host copy is packed into arena slabs of `PLACER_ARENA_BYTES` (a `HostSource`, pinned on
+    CUDA): one pinned slab per model would be rounded up to a power of two by PyTorch's pinned
+    allocator (CLIP's 1.14 GiB took 2 GiB). Entering allocates one device buffer, copies the
+    arenas into it (one copy per contiguous piece) and points the module's tensors at it; leaving
+    points them back and frees the buffer. Nested entries are counted. On a CPU `device` nothing
+    moves, unless `pack=True` (tests: the same code path, buffer on the CPU).
     """
 
-    def __init__(self, module: nn.Module, device: torch.device | str):
+    def __init__(self, module: nn.Module, device: torch.device | str, pack: Optional[bool] = None,
+                 arena_bytes: int = PLACER_ARENA_BYTES):
         self.module = module
         self.device = torch.device(device)
-        self.entries, size = layout(module)
-        self.moves = self.device.type != "cpu"
+        self.entries, self.size = layout(module)
+        self.moves = self.device.type != "cpu" if pack is None else bool(pack)
         self.depth = 0
+        self.source: Optional[HostSource] = None
         if self.moves:
-            slab = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-            self.host = pack_into(self.entries, slab)
-            self.slab = slab
-            point_to(self.entries, self.host)
+            self.source = HostSource("pinned", arena_bytes=arena_bytes)
+            self.source.pack({0: (self.entries, self.size)})
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host arenas holding the module (0 when it does not move)."""
+        return self.source.host_bytes if self.source is not None else 0
 
     @contextlib.contextmanager
     def on_device(self) -> Iterator[nn.Module]:
@@ -365,14 +373,15 @@ class ModulePlacer:
         try:
             if self.depth == 1:
                 with _normal_tensors():
-                    buffer = self.slab.to(self.device, non_blocking=True)
+                    buffer = torch.empty(self.size, dtype=torch.uint8, device=self.device)
+                    self.source.load_into(0, buffer)
                     point_to(self.entries, views(self.entries, buffer))
                 del buffer
             yield self.module
         finally:
             self.depth -= 1
             if self.depth == 0:
-                point_to(self.entries, self.host)
+                point_to(self.entries, self.source.resting(0))
 
 
 # ---- the plan applied to the pipeline's models ----------------------------------------------

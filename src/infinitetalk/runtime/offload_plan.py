@@ -61,6 +61,9 @@ HOST_MARGIN_BYTES = 4 * GiB
 """Host memory left to the rest of the process and the OS when deciding pinned vs memory-mapped."""
 PINNED_ARENA_BYTES = GiB
 """The host arena slab of the pinned store (`runtime.block_store.ARENA_BYTES`): a power of two, 1 GiB."""
+PLACER_ARENA_BYTES = 128 * 1024**2
+"""The host arena slab of a model moved onto the GPU per call (`runtime.offload.ModulePlacer`): small,
+so the last arena's power-of-two rounding wastes little (umT5's 2 GiB embedding gets its own)."""
 FFN_CHUNK_CHOICES = (1, 2, 4, 8, 16)
 VAE_TILES = (128, 64, 32)
 """Latent pixels per tile side the tiled VAE decode may use, largest first (32: the `DecodeTiling` default).
@@ -309,6 +312,12 @@ def pinned_arena_bytes(streamed_bytes: int) -> int:
     return -(-streamed_bytes // PINNED_ARENA_BYTES) * PINNED_ARENA_BYTES
 
 
+def placed_bytes(parameter_bytes: int) -> int:
+    """Host memory of a model moved onto the GPU per call (`runtime.offload.ModulePlacer`): whole
+    `PLACER_ARENA_BYTES` arenas (the last one rounded up to a power of two, at most an arena)."""
+    return -(-parameter_bytes // PLACER_ARENA_BYTES) * PLACER_ARENA_BYTES
+
+
 def encoder_activation_bytes(parameter_bytes: int) -> int:
     """Activation allowance of one wav2vec2 or CLIP call."""
     return int(parameter_bytes * ENCODER_ACTIVATION_FRACTION)
@@ -543,8 +552,8 @@ def plan_offload(
     text, tile, chunks, cache, vae_chunks = choice
     final = phases(resident, text, encoders_resident, tile, chunks, cache, split, vae_chunks)
     streamed_bytes = (n - resident) * b if split == 1 else 0
-    host_models = (models.text_encoder if text != "resident" else 0) + (
-        0 if encoders_resident else models.clip + models.audio_encoder + models.vae
+    host_models = {"resident": 0, "cpu": models.text_encoder, "gpu": placed_bytes(models.text_encoder)}[text] + (
+        0 if encoders_resident else sum(placed_bytes(n) for n in (models.clip, models.audio_encoder, models.vae))
     )
     if split > 1:
         store = "shards"
