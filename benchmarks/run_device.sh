@@ -19,6 +19,7 @@
 #   bash benchmarks/run_device.sh v17a / v17b  # offload GPU tests + 480p fp8 6 GB windows / 720p windows
 #   bash benchmarks/run_device.sh sweep 720 fp8 [24,16,12]  # forward sweep over budgets, 1 and 2 speakers, pinned vs pageable
 #   bash benchmarks/run_device.sh v20          # offload GPU tests, then v18d
+#   bash benchmarks/run_device.sh v21          # generate --vram 6 --fp8 (random 14B layout), host memory sampled
 #   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
 #                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
@@ -285,6 +286,12 @@ case "$what" in
   v20)  # the offload GPU tests (with the release of freed pinned arenas), then v18d
     STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8
     bash "$0" v18d
+    ;;
+  v21)  # generate --vram 6 --fp8 on the random 14B layout, host memory sampled (after the heap trim and placer arenas)
+    step 150 python3 benchmarks/random_layout.py --out /tmp/w14
+    STEP_TAIL=4 step 300 python3 benchmarks/generate_capped.py --weights /tmp/w14 --vram 6 --fp8 --image "$INFINITETALK_SHARED/media/portrait.png" \
+      --audio "$INFINITETALK_SHARED/media/speaker1.wav" --preset fast --max-seconds 3 --output /tmp/v21_fp8.mp4 \
+      --memory-trace "$OUT/generate_fp8_vram6_memory.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

@@ -84,3 +84,24 @@ def test_block_streamer_packing_gives_the_old_host_copies_back():
         assert torch.isfinite(blocks[5](x)).all()
     streamer.detach()
     del keep
+
+
+def test_sampler_sees_a_peak_the_process_no_longer_holds():
+    import time
+
+    from infinitetalk.runtime.host_memory import HostMemorySampler
+
+    if process_memory() is None:
+        pytest.skip("no /proc here")
+    before = process_memory().held
+    with HostMemorySampler(0.02) as sampler:
+        block = torch.ones(256 * MiB, dtype=torch.uint8)  # touched: resident
+        time.sleep(0.2)
+        del block
+        trim_host_heap()
+        time.sleep(0.1)
+    peaks = sampler.peaks
+    assert len(sampler.samples) >= 3
+    assert peaks["held"] - before > 240 * MiB
+    assert sampler.samples[-1][1].held < peaks["held"] - 200 * MiB  # sampled after the free
+    assert peaks["peak_rss"] >= peaks["rss"] - MiB

@@ -84,3 +84,57 @@ def process_memory(pid: Optional[int] = None) -> Optional[ProcessMemory]:
         return None
     return ProcessMemory(rss=fields["VmRSS:"], anon=fields["RssAnon:"], file=fields["RssFile:"],
                          shmem=fields["RssShmem:"], peak_rss=fields["VmHWM:"])
+
+
+class HostMemorySampler:
+    """Samples `process_memory()` on a background thread while a `with` block runs (benchmarks).
+
+    The kernel keeps a high-water mark of the whole RSS only (VmHWM), which counts mapped weight
+    file pages; the peak of `held` (anon + shmem: what the machine must really have) needs
+    sampling. `peaks` after the block: the largest `held`, `anon`, `shmem`, `file` and `rss` seen
+    (each its own maximum), plus the kernel's `peak_rss`; `samples`: (seconds, ProcessMemory)."""
+
+    def __init__(self, interval: float = 0.25, pid: Optional[int] = None):
+        self.interval = interval
+        self.pid = pid
+        self.samples: list[tuple[float, ProcessMemory]] = []
+        self._stop = None
+        self._thread = None
+
+    def _sample(self, start: float) -> None:
+        import time
+
+        mem = process_memory(self.pid)
+        if mem is not None:
+            self.samples.append((time.perf_counter() - start, mem))
+
+    def __enter__(self) -> "HostMemorySampler":
+        import threading
+        import time
+
+        self._stop = threading.Event()
+        start = time.perf_counter()
+
+        def run() -> None:
+            while not self._stop.is_set():
+                self._sample(start)
+                self._stop.wait(self.interval)
+            self._sample(start)
+
+        self._thread = threading.Thread(target=run, name="host-memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def peaks(self) -> dict:
+        """Largest value of each field over the samples, in bytes (empty without samples)."""
+        if not self.samples:
+            return {}
+        mems = [m for _t, m in self.samples]
+        out = {k: max(getattr(m, k) for m in mems) for k in ("held", "anon", "shmem", "file", "rss")}
+        out["peak_rss"] = mems[-1].peak_rss
+        return out
