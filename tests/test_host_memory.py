@@ -105,3 +105,35 @@ def test_sampler_sees_a_peak_the_process_no_longer_holds():
     assert peaks["held"] - before > 240 * MiB
     assert sampler.samples[-1][1].held < peaks["held"] - 200 * MiB  # sampled after the free
     assert peaks["peak_rss"] >= peaks["rss"] - MiB
+
+
+@glibc
+def test_packing_gives_each_block_back_before_the_next():
+    """The old copies go back block by block while the store fills, so the process never holds
+    the whole store and all the old copies at once (the 14B fp8 job peaked 10 GiB higher so)."""
+    from infinitetalk.runtime.block_store import HostSource, layout
+
+    class Recording(HostSource):
+        seen: list = []
+
+        def _arena(self, index):
+            if index >= len(self.arenas):
+                self.seen.append(_anon())
+            return super()._arena(index)
+
+    _raise_mmap_threshold()
+    before = _anon()
+    keep, blocks = [], []
+    for _ in range(6):
+        block = nn.Sequential()
+        for _ in range(8):
+            block.append(nn.Linear(512, 512, bias=False))  # 1 MiB each: an 8 MiB block
+            keep.append(torch.ones(64 * 1024, dtype=torch.uint8))
+        blocks.append(block)
+    built = _anon() - before
+    source = Recording("plain", arena_bytes=8 * MiB)
+    source.pack({i: layout(b) for i, b in enumerate(blocks)})
+    assert len(source.arenas) == 6
+    worst = max(source.seen) - before
+    assert worst < built + 24 * MiB, f"held {worst / MiB:.0f} MiB while packing {built / MiB:.0f} MiB of blocks"
+    del keep

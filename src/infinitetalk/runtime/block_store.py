@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .host_memory import trim_host_heap
 from .offload_plan import PINNED_ARENA_BYTES
 
 ALIGN = 256
@@ -264,6 +265,7 @@ class HostSource:
             self._bytes[i] = nbytes
             self.pieces[i] = pieces(entries, spots[i])
             point_to(entries, out)
+            trim_host_heap()  # the block's old tensors just freed: heap holes go back now, not after every block
 
     def slot_bytes(self, index: int) -> int:
         return self._bytes[index]

@@ -174,8 +174,7 @@ class BlockStreamer:
         for i in self.streamed:
             layouts[i] = layout(blocks[i])
             self._layouts[i] = layouts[i][0]
-        self.source.pack(layouts)
-        trim_host_heap()  # the blocks' old host tensors, freed by the packing, leave heap holes (host_memory)
+        self.source.pack(layouts)  # a HostSource gives the freed host copies back block by block (host_memory)
         self._slot_size = max((self.source.slot_bytes(i) for i in self.streamed), default=0)
         self._slots: list[torch.Tensor] = []  # allocated by the first block that needs them (`release` frees them)
         self._slot_of: dict[int, int] = {}  # block -> slot holding it
