@@ -7,8 +7,7 @@ raises that threshold, up to 32 MiB, each time an `mmap`-served block is freed. 
 `--fp8` frees many float temporaries, so the fp8 weights made after them (a few to 26 MiB each)
 come from the heap. Packing them into the streamed-block arenas (`runtime.block_store`) frees
 them again, but `free` returns heap pages to the kernel only at the heap's top: the holes stay
-resident. Measured on an H100 with the random 14B layout: 12 GiB of such holes after
-`generate --vram 6 --fp8` had packed 17 GiB of fp8 blocks (`benchmarks/NOTES.md`, v20).
+resident: with the 14B model that is most of the fp8 blocks' size (`benchmarks/NOTES.md`, v20/v21).
 `malloc_trim(0)` walks the heap and gives every free page back (`madvise(MADV_DONTNEED)`).
 No Python library offers it; it is one call through `ctypes`, a no-op where the C library is not
 glibc (musl, macOS, Windows).

@@ -61,6 +61,9 @@ HOST_MARGIN_BYTES = 4 * GiB
 """Host memory left to the rest of the process and the OS when deciding pinned vs memory-mapped."""
 PINNED_ARENA_BYTES = GiB
 """The host arena slab of the pinned store (`runtime.block_store.ARENA_BYTES`): a power of two, 1 GiB."""
+PROCESS_HOST_BYTES = 2 * GiB
+"""Host memory of the process beside the models' bytes (Python, PyTorch, the CUDA context, frames and
+audio), counted in `host_bytes`: a round figure above what the 14B jobs measured (`benchmarks/NOTES.md`, v21)."""
 PLACER_ARENA_BYTES = 128 * 1024**2
 """The host arena slab of a model moved onto the GPU per call (`runtime.offload.ModulePlacer`): small,
 so the last arena's power-of-two rounding wastes little (umT5's 2 GiB embedding gets its own)."""
@@ -418,7 +421,7 @@ f"VAE {self.vae_chunk_latents} latent frame{'s' if self.vae_chunk_latents != 1 e
             f"{'resident' if self.encoders_resident else 'on the GPU only while they run'}",
             "  peak per phase: " + ", ".join(f"{k} {gb(v)}" for k, v in self.phases.items()),
             f"  will use up to {gb(self.vram_bytes)} of VRAM ({gb(self.reserve)} kept free) and {gb(self.host_bytes)} "
-            f"of host RAM ({gb(self.pinned_bytes)} pinned)",
+            f"of host RAM ({gb(self.pinned_bytes)} pinned, {gb(PROCESS_HOST_BYTES)} for the process itself)",
         ]
         return "\n".join(lines)
 
@@ -569,7 +572,7 @@ def plan_offload(
         passes=passes, num_blocks=n, resident_blocks=resident, dit_fixed=models.dit_fixed, block_bytes=b,
         ffn_chunks=chunks, cache_conditions=cache, vae_tile=tile, text_encoder=text,
         encoders_resident=encoders_resident, host_store=store, phases=final,
-        host_bytes=host_models + pinned, pinned_bytes=pinned, reserve=reserve, shards=split,
+        host_bytes=host_models + pinned + PROCESS_HOST_BYTES, pinned_bytes=pinned, reserve=reserve, shards=split,
         vae_chunk_latents=vae_chunks,
     )
 
