@@ -6,6 +6,7 @@ are packed into host slabs, copied into two slots and their tensors pointed at t
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -364,3 +365,32 @@ def test_module_placer_packs_the_host_copy_into_small_arenas():
     assert torch.equal(inner, reference)
     assert ModulePlacer(model, "cpu").host_bytes == 0  # on a CPU device nothing moves by default
     assert PLACER_ARENA_BYTES == 128 * 2**20
+
+
+def test_a_spill_file_the_disk_cannot_hold_is_a_storage_error(tmp_path):
+    """The memory-mapped store reserves its disk blocks up front: a disk that cannot hold it (here a
+    1 MiB file-size limit, EFBIG) is a StorageError with a sentence and no file left, not a SIGBUS
+    when the mapping is first written."""
+    import subprocess
+    import sys
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this system")
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from infinitetalk.errors import StorageError\n"
+        "from infinitetalk.runtime.block_store import SpillFile\n"
+        "small = SpillFile(1 << 19, sys.argv[1]); small.close()\n"
+        "try:\n"
+        "    SpillFile(8 << 20, sys.argv[1])\n"
+        "except StorageError as exc:\n"
+        "    print('StorageError:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = done.stdout.strip()
+    assert message.startswith("StorageError: Not enough disk space in ") and "needs 8 MB;" in message
+    assert "TMPDIR" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []

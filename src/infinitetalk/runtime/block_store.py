@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,40 @@ def pack_into(entries: Sequence[Entry], slab: torch.Tensor) -> list[torch.Tensor
     return out
 
 
+def _no_room(folder: Path, size: int, free: Optional[int]) -> Exception:
+    from ..errors import StorageError
+
+    def text(n: int) -> str:
+        return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{max(1, round(n / 2**20))} MB"
+
+    have = f" ({text(free)} free)" if free is not None else ""
+    return StorageError(
+        f"Not enough disk space in {folder} for the memory-mapped store of the streamed DiT blocks: it needs "
+        f"{text(size)}{have}; free some space there or set TMPDIR to a folder on a larger disk "
+        "(the blocks go to disk because host RAM is too small to hold them)."
+    )
+
+
+def _reserve(fd: int, size: int, folder: Path) -> None:
+    """Give the spill file all its disk blocks now: a full disk then fails here with a sentence,
+    not later as SIGBUS when a page of the mapping is first written."""
+    import errno
+
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:  # Windows, macOS: a sparse file; the up-front free-space check is all there is
+        os.ftruncate(fd, size)
+        return
+    try:
+        fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise _no_room(folder, size, None) from None
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate
+            os.ftruncate(fd, size)
+            return
+        raise
+
+
 class SpillFile:
     """Packed slabs written to one file and memory-mapped back (the host store when RAM is short).
 
@@ -106,13 +141,26 @@ class SpillFile:
     """
 
     def __init__(self, total_bytes: int, directory: Optional[os.PathLike] = None):
+        size = max(1, total_bytes)
+        folder = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        if free is not None and free < size:
+            raise _no_room(folder, size, free)
         fd, name = tempfile.mkstemp(prefix="infinitetalk-offload-", suffix=".bin", dir=directory)
         self.path = Path(name)
+        try:
+            _reserve(fd, size, folder)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            raise
         os.close(fd)
-        with open(self.path, "r+b") as fh:
-            fh.truncate(max(1, total_bytes))
-        storage = torch.UntypedStorage.from_file(str(self.path), True, max(1, total_bytes))
-        self.data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (max(1, total_bytes),))
+        storage = torch.UntypedStorage.from_file(str(self.path), True, size)
+        self.data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,))
         self.used = 0
         self.unlinked = False
         with contextlib.suppress(OSError):
