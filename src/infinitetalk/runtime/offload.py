@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .host_memory import trim_host_heap
-from .block_store import ALIGN, Entry, HostSource, ShardedSource, SpillFile, layout, pack_into, point_to, views
+from .block_store import ALIGN, Entry, HostSource, ShardedSource, SpillFile, layout, point_to, views
 from .offload_plan import PLACER_ARENA_BYTES, GiB, OffloadPlan
 
 __all__ = ["ALIGN", "BlockStreamer", "HostSource", "ModulePlacer", "Offloader", "ShardedSource", "SpillFile",
