@@ -55,6 +55,7 @@ from infinitetalk.generation.guided_dit import GuidedDiT  # noqa: E402
 from infinitetalk.runtime.fast import FastOptions, make_fast  # noqa: E402
 from infinitetalk.runtime.offload import (  # noqa: E402
     BlockStreamer, ModulePlacer, host_ram_available, release_cached_memory, use_expandable_segments)
+from infinitetalk.runtime.host_memory import process_memory  # noqa: E402
 from infinitetalk.runtime.offload_plan import GiB, OffloadModels, plan_offload  # noqa: E402
 
 TARGETS = {  # (size, fp8) -> GB the issue wants the job to fit, at <= 1.10x the resident time
@@ -82,16 +83,8 @@ def _reset_rss_peak() -> bool:
 
 def _rss(scope: str) -> dict:
     """Host RSS now and its peak: since the case began (`scope="case"`) or over the process."""
-    now = hwm = None
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    now = int(line.split()[1]) * 1024
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    mem = process_memory()
+    now, hwm = (mem.rss, mem.peak_rss) if mem is not None else (None, None)
     if scope != "case" or hwm is None:
         scope, hwm = "process", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"host_rss_gb": None if now is None else round(now / GiB, 2), "host_rss_peak_gb": round(hwm / GiB, 2),

@@ -112,8 +112,9 @@ def test_module_placer_moves_a_model_only_while_it_runs():
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+    from infinitetalk.runtime.host_memory import process_memory
+
+    return process_memory().rss
 
 
 @pytest.mark.gpu

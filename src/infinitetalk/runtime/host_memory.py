@@ -18,6 +18,8 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -101,16 +103,11 @@ class HostMemorySampler:
         self._thread = None
 
     def _sample(self, start: float) -> None:
-        import time
-
         mem = process_memory(self.pid)
         if mem is not None:
             self.samples.append((time.perf_counter() - start, mem))
 
     def __enter__(self) -> "HostMemorySampler":
-        import threading
-        import time
-
         self._stop = threading.Event()
         start = time.perf_counter()
 
