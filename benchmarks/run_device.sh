@@ -20,6 +20,8 @@
 #   bash benchmarks/run_device.sh sweep 720 fp8 [24,16,12]  # forward sweep over budgets, 1 and 2 speakers, pinned vs pageable
 #   bash benchmarks/run_device.sh v20          # offload GPU tests, then v18d
 #   bash benchmarks/run_device.sh v21          # generate --vram 6 --fp8 (random 14B layout), host memory sampled
+#   bash benchmarks/run_device.sh v22          # host memory of generate --vram 6 --fp8 and --vram 8 (bf16), sampled
+#   bash benchmarks/run_device.sh v23          # offload GPU tests, then the 480p windows: fp8 under 6 GB, bf16 under 8 GB
 #   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
 #                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
@@ -292,6 +294,24 @@ case "$what" in
     STEP_TAIL=4 step 300 python3 benchmarks/generate_capped.py --weights /tmp/w14 --vram 6 --fp8 --image "$INFINITETALK_SHARED/media/portrait.png" \
       --audio "$INFINITETALK_SHARED/media/speaker1.wav" --preset fast --max-seconds 3 --output /tmp/v21_fp8.mp4 \
       --memory-trace "$OUT/generate_fp8_vram6_memory.json"
+    ;;
+  v22)  # after the per-block heap trim and the placer's arenas: the host memory of two whole jobs on the random
+         # 14B layout, sampled: fp8 under 6 GB, then bf16 under 8 GB (the host bound is read on the bf16 one)
+    [ -f /tmp/w14/.complete ] || { step 150 python3 benchmarks/random_layout.py --out /tmp/w14 && touch /tmp/w14/.complete; }
+    for job in "6 --fp8" "8"; do
+      set -- $job; tag=$([ "${2:-}" = --fp8 ] && echo fp8 || echo bf16)
+      STEP_TAIL=6 step 280 python3 benchmarks/generate_capped.py --weights /tmp/w14 --vram "$@" \
+        --image "$INFINITETALK_SHARED/media/portrait.png" --audio "$INFINITETALK_SHARED/media/speaker1.wav" \
+        --preset fast --max-seconds 3 --output "/tmp/v22_$tag.mp4" --memory-trace "$OUT/generate_${tag}_vram$1_memory.json"
+      rm -f "/tmp/v22_$tag.mp4"
+    done
+    ;;
+  v23)  # the offload GPU tests, then the 480p windows at the current commit: fp8 under 6 GB, bf16 under 8 GB
+    STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8
+    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1 --reps 1 \
+      --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
+    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 1 \
+      --no-pageable --no-forward --out "$OUT/offload_480_bf16_8_window.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
