@@ -116,6 +116,16 @@ def test_uint8_conversion_is_official():
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("frames", [1, 8, 21])
+def test_uint8_conversion_by_chunks_matches_the_whole_window(frames):
+    """The conversion runs a few frames at a time (bounded host memory); every frame, a view included,
+    comes out as the whole-window formula gives it, from float32 and from bf16."""
+    x = torch.randn(3, frames, 6, 10, generator=torch.Generator().manual_seed(frames)) * 1.3
+    for src in (x, x.to(torch.bfloat16), x[:, frames // 2 :]):
+        expected = ((src.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        got = to_uint8_frames(src)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous and np.array_equal(got, expected)
+
 def test_video_source_round_trip(media_dir, tmp_path):
     """V2V-style: frames read from the real talking video by time, written back at 25 fps."""
     path = tmp_path / "v2v.mp4"

@@ -25,6 +25,9 @@ from infinitetalk.errors import MediaError, storage_error
 log = logging.getLogger(__name__)
 
 
+_CONVERT_FRAMES = 8
+
+
 def to_uint8_frames(frames: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     """Video frames as uint8 [T, H, W, 3].
 
@@ -38,8 +41,15 @@ def to_uint8_frames(frames: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     x = torch.as_tensor(frames)
     if x.dim() != 4 or x.shape[0] != 3:
         raise ValueError(f"float frames must be [3, T, H, W] in [-1, 1], got {tuple(x.shape)}")
-    x = ((x.detach().float().cpu() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().numpy()
+    x = x.detach()
+    out = torch.empty((x.shape[1], x.shape[2], x.shape[3], 3), dtype=torch.uint8)
+    # a few frames at a time, so the float temporaries stay small next to the window (a 720p window in
+    # float32 is 0.9 GB; converting it whole held three more copies of it in host memory)
+    for s in range(0, x.shape[1], _CONVERT_FRAMES):
+        y = x[:, s : s + _CONVERT_FRAMES].float().cpu().add(1)
+        y.div_(2).mul_(255).clamp_(0, 255)
+        out[s : s + _CONVERT_FRAMES] = y.permute(1, 2, 3, 0).to(torch.uint8)
+    return out.numpy()
 
 
 class VideoWriter:
