@@ -57,3 +57,10 @@ def test_flat_channel_takes_reference_mean():
     got = rgb_to_lab(((out[:, 0].permute(1, 2, 0) + 1) / 2))
     assert torch.allclose(got[0, 0], ref_mean, atol=1e-3)
     assert torch.allclose(got.std(dim=(0, 1)), torch.zeros(3, dtype=torch.float64), atol=1e-6)
+
+
+def test_frames_at_a_time_give_the_same_video():
+    video, reference = _video(5), _video(6)[:, 0]
+    one = match_and_blend_colors(video, reference, 0.7)
+    for chunk in (2, 4, 16):
+        assert torch.equal(match_and_blend_colors(video, reference, 0.7, chunk_frames=chunk), one)
