@@ -21,7 +21,7 @@
 #   bash benchmarks/run_device.sh v20          # offload GPU tests, then v18d
 #   bash benchmarks/run_device.sh v21          # generate --vram 6 --fp8 (random 14B layout), host memory sampled
 #   bash benchmarks/run_device.sh v22          # host memory of generate --vram 6 --fp8 and --vram 8 (bf16), sampled
-#   bash benchmarks/run_device.sh v23          # offload GPU tests, then the 480p windows: fp8 under 6 GB, bf16 under 8 GB
+#   bash benchmarks/run_device.sh v23 [fp8-only]  # offload GPU tests, then the 480p windows: fp8 under 6 GB, bf16 under 8 GB
 #   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
 #                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
@@ -310,8 +310,8 @@ case "$what" in
     STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8
     step 190 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1 --reps 1 \
       --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
-    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 1 \
-      --no-pageable --no-forward --out "$OUT/offload_480_bf16_8_window.json"
+    [ "${2:-}" = fp8-only ] || step 190 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 \
+      --speakers 1 --reps 1 --no-pageable --no-forward --out "$OUT/offload_480_bf16_8_window.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
