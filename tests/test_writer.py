@@ -126,6 +126,7 @@ def test_uint8_conversion_by_chunks_matches_the_whole_window(frames):
         got = to_uint8_frames(src)
         assert got.dtype == np.uint8 and got.flags.c_contiguous and np.array_equal(got, expected)
 
+
 def test_video_source_round_trip(media_dir, tmp_path):
     """V2V-style: frames read from the real talking video by time, written back at 25 fps."""
     path = tmp_path / "v2v.mp4"

@@ -44,7 +44,7 @@ def to_uint8_frames(frames: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     x = x.detach()
     out = torch.empty((x.shape[1], x.shape[2], x.shape[3], 3), dtype=torch.uint8)
     # a few frames at a time, so the float temporaries stay small next to the window (a 720p window in
-    # float32 is 0.9 GB; converting it whole held three more copies of it in host memory)
+    # float32 is 0.9 GB; converting it whole held two more float copies of it in host memory)
     for s in range(0, x.shape[1], _CONVERT_FRAMES):
         y = x[:, s : s + _CONVERT_FRAMES].float().cpu().add(1)
         y.div_(2).mul_(255).clamp_(0, 255)
