@@ -40,6 +40,7 @@ from ..media.segments import concat_segments, write_segment
 from ..media.soundtrack import sound_track
 from ..media.writer import to_uint8_frames
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
+from ..runtime.host_memory import trim_host_heap
 from .audio_windows import audio_for_window
 from .color import match_and_blend_colors
 from .guided_dit import GuidedDiT
@@ -65,7 +66,6 @@ from .components import (
     tiny_components,
 )
 from .job_state import JobDir, JobState, OutputLock, file_digest
-from ..runtime.host_memory import trim_host_heap
 from .sampler import draw_window_noise, sample_window
 from .windows import Window, WindowPlan, plan_windows
 

@@ -29,6 +29,7 @@ CUDA stream, or synchronously on the CPU), `resting(i)`, `restore(i)` (ordinary 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -115,8 +116,6 @@ def _no_room(folder: Path, size: int, free: Optional[int]) -> Exception:
 def _reserve(fd: int, size: int, folder: Path) -> None:
     """Give the spill file all its disk blocks now: a full disk then fails here with a sentence,
     not later as SIGBUS when a page of the mapping is first written."""
-    import errno
-
     fallocate = getattr(os, "posix_fallocate", None)
     if fallocate is None:  # Windows, macOS: a sparse file; the up-front free-space check is all there is
         os.ftruncate(fd, size)
@@ -313,7 +312,7 @@ class HostSource:
             self._bytes[i] = nbytes
             self.pieces[i] = pieces(entries, spots[i])
             point_to(entries, out)
-            trim_host_heap()  # the block's old tensors just freed: heap holes go back now, not after every block
+            trim_host_heap()  # the block's old tensors just freed: their heap holes go back now, not after the whole store
 
     def slot_bytes(self, index: int) -> int:
         return self._bytes[index]
