@@ -22,6 +22,7 @@
 #   bash benchmarks/run_device.sh v21          # generate --vram 6 --fp8 (random 14B layout), host memory sampled
 #   bash benchmarks/run_device.sh v22          # host memory of generate --vram 6 --fp8 and --vram 8 (bf16), sampled
 #   bash benchmarks/run_device.sh v23 [fp8-only]  # offload GPU tests, then the 480p windows: fp8 under 6 GB, bf16 under 8 GB
+#   bash benchmarks/run_device.sh v24a / v24b  # generate --vram 8 (random 14B layout) + the 480p fp8 6 GB window / the bf16 8 GB window
 #   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
 #                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
@@ -312,6 +313,19 @@ case "$what" in
       --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
     [ "${2:-}" = fp8-only ] || step 190 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 \
       --speakers 1 --reps 1 --no-pageable --no-forward --out "$OUT/offload_480_bf16_8_window.json"
+    ;;
+  v24a)  # the random 14B layout through `generate --vram 8` (bf16) on a GPU capped at 8 GB, host memory sampled
+          # (after colour correction and the uint8 conversion one chunk at a time), then the 480p fp8 window under 6 GB
+    [ -f /tmp/w14/.complete ] || { step 150 python3 benchmarks/random_layout.py --out /tmp/w14 && touch /tmp/w14/.complete; }
+    STEP_TAIL=6 step 260 python3 benchmarks/generate_capped.py --weights /tmp/w14 --vram 8 \
+      --image "$INFINITETALK_SHARED/media/portrait.png" --audio "$INFINITETALK_SHARED/media/speaker1.wav" \
+      --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4" --memory-trace "$OUT/generate_bf16_vram8_memory.json"
+    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1 --reps 1 \
+      --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
+    ;;
+  v24b)  # the 480p bf16 window under 8 GB
+    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 1 \
+      --no-pageable --no-forward --out "$OUT/offload_480_bf16_8_window.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
