@@ -324,7 +324,7 @@ case "$what" in
       --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
     ;;
   v24b)  # the 480p bf16 window under 8 GB
-    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 1 \
+    step 330 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 1 \
       --no-pageable --no-forward --out "$OUT/offload_480_bf16_8_window.json"
     ;;
   *) echo "unknown: $what"; exit 2 ;;
