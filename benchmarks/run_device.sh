@@ -22,7 +22,7 @@
 #   bash benchmarks/run_device.sh v21          # generate --vram 6 --fp8 (random 14B layout), host memory sampled
 #   bash benchmarks/run_device.sh v22          # host memory of generate --vram 6 --fp8 and --vram 8 (bf16), sampled
 #   bash benchmarks/run_device.sh v23 [fp8-only]  # offload GPU tests, then the 480p windows: fp8 under 6 GB, bf16 under 8 GB
-#   bash benchmarks/run_device.sh v24a / v24b / v24h200  # generate --vram 8 (random 14B layout) + the 480p fp8 6 GB window / the bf16 8 GB window
+#   bash benchmarks/run_device.sh v24a / v24b / v24h200 / v24h200w  # generate --vram 8 (random 14B layout) + the 480p fp8 6 GB window / the bf16 8 GB window
 #   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
 #                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
@@ -326,6 +326,11 @@ case "$what" in
   v24h200)  # v24a only on an H200 (stops at once on any other card, to save device time for a later try)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: stopped"; exit 3; }
     bash "$0" v24a
+    ;;
+  v24h200w)  # the 480p fp8 window under 6 GB, only on an H200 (a short device budget)
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: stopped"; exit 3; }
+    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1 --reps 1 \
+      --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
     ;;
   v24b)  # the 480p bf16 window under 8 GB
     step 330 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 1 \
