@@ -358,3 +358,54 @@ def test_torchrun_style_ranks_under_a_vram_budget(media_dir, tmp_path):
         assert results[0][1].count("wrote ") == 1 and "wrote " not in results[1][1]
         assert probe_mp4(out)["frames"].shape[0] == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["torchrun_0.mp4", "torchrun_1.mp4"]
+
+
+_UNCLOSED_DECODER_THEN_FORK = """
+import sys, av, numpy as np
+from infinitetalk.runtime.parallel_launch import run_ranks
+
+path = sys.argv[1]
+with av.open(path, "w") as out:  # a short H.264 clip (frame-threaded decoding)
+    stream = out.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+    for i in range(30):
+        frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 8 * i, np.uint8), format="rgb24")
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode())
+
+def leave_a_decoder_in_a_cycle():
+    container = av.open(path)
+    container.streams.video[0].thread_type = "AUTO"
+    frames = container.decode(video=0)
+    next(frames)
+    cycle = {"container": container, "frames": frames}
+    cycle["self"] = cycle  # garbage only the collector frees
+
+def collect_in_the_rank():
+    import gc
+    gc.collect()
+    return "done"
+
+leave_a_decoder_in_a_cycle()
+print(run_ranks(collect_in_the_rank, world=2, device="cpu", start_method="fork"))
+"""
+
+
+def test_forked_ranks_never_finalize_the_callers_media_decoders(tmp_path):
+    """An unclosed, frame-threaded PyAV decoder in a reference cycle, finalized in a forked rank, waits
+    forever for threads the fork lacks (it hung the CI once); the launcher collects and freezes first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    job = subprocess.Popen([sys.executable, "-c", _UNCLOSED_DECODER_THEN_FORK, str(tmp_path / "clip.mp4")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)  # the ranks too
+        job.communicate()
+        pytest.fail("the forked ranks hung finalizing the caller's PyAV decoder")
+    assert job.returncode == 0, stderr[-2000:]
+    assert stdout.strip().splitlines()[-1] == "done"

@@ -6,7 +6,10 @@
   calls `fn(*args)` in every rank and returns rank 0's result. Ranks are spawned (fresh
   interpreters: a forked process cannot use CUDA, and a fork of a process whose media threads
   ran may inherit a held lock). `start_method="fork"` (CPU only) skips the second import of
-  torch per rank and shares the caller's objects without pickling; the tests use it.
+  torch per rank and shares the caller's objects without pickling; the tests use it. Before a
+  fork the caller's garbage is collected and the survivors frozen (`gc.freeze`), so a rank's
+  garbage collector never finalizes an object of the caller: an unclosed PyAV decoder in a
+  reference cycle, finalized in a fork, waits forever for its frame threads, which a fork lacks.
 * A rank that raises an InfiniteTalkError reports its sentence and exits; the other ranks are
   stopped and `run_ranks` raises `RankFailedError` with that sentence and exit code, so the CLI
   prints one clean error. Any other exception is an internal error and comes back as a
@@ -17,6 +20,7 @@
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -103,8 +107,16 @@ def run_ranks(fn: Callable, args: Sequence = (), *, world: int, device: str = "c
         raise ValueError("CUDA ranks cannot be forked; use start_method='spawn'")
     results = mp.get_context(start_method).SimpleQueue()
     port = _free_port()
-    context = mp.start_processes(_rank_entry, args=(world, device_type, port, fn, tuple(args), results, start_method == "fork"),
-                                 nprocs=world, join=False, start_method=start_method)
+    forked = start_method == "fork"
+    if forked:  # see the module doc: no object of the caller is finalized in a rank
+        gc.collect()
+        gc.freeze()
+    try:
+        context = mp.start_processes(_rank_entry, args=(world, device_type, port, fn, tuple(args), results, forked),
+                                     nprocs=world, join=False, start_method=start_method)
+    finally:
+        if forked:
+            gc.unfreeze()
     messages: list = []
     try:
         while True:
