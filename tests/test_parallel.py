@@ -393,7 +393,9 @@ print(run_ranks(collect_in_the_rank, world=2, device="cpu", start_method="fork")
 
 def test_forked_ranks_never_finalize_the_callers_media_decoders(tmp_path):
     """An unclosed, frame-threaded PyAV decoder in a reference cycle, finalized in a forked rank, waits
-    forever for threads the fork lacks (it hung the CI once); the launcher collects and freezes first."""
+    forever for threads the fork lacks; the launcher collects and freezes first. (A CI run once hung in
+    this module's first fork with every rank idle at a point where only the garbage collector could wait:
+    the object was not found; this is one finalizer of that kind.)"""
     import os
     import signal
     import subprocess
