@@ -43,6 +43,13 @@ step() {  # step SECONDS CMD...: run under a time limit, warnings dropped, with 
   timeout "$limit" "$@" 2>&1 | grep -v -i -E "warn|^ *$" | tail -${STEP_TAIL:-14}
   echo "=== took $((SECONDS - t0)) s (exit ${PIPESTATUS[0]})"
 }
+window480() {  # window480 DTYPE BUDGET_GB LIMIT_S: one warm 480p --preset fast window under the budget vs resident
+  step "$3" python3 benchmarks/bench_offload.py --size 480 --dtype "$1" --budgets "$2" --speakers 1 --reps 1 \
+    --no-pageable --no-forward --out "$OUT/offload_480_$1_$2_window.json"
+}
+need_h200() {  # stop at once on any other card, keeping the device time for a later try
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: stopped"; exit 3; }
+}
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
 case "$what" in
@@ -309,10 +316,8 @@ case "$what" in
     ;;
   v23)  # the offload GPU tests, then the 480p windows at the current commit: fp8 under 6 GB, bf16 under 8 GB
     STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8
-    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1 --reps 1 \
-      --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
-    [ "${2:-}" = fp8-only ] || step 190 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 \
-      --speakers 1 --reps 1 --no-pageable --no-forward --out "$OUT/offload_480_bf16_8_window.json"
+    window480 fp8 6 190
+    [ "${2:-}" = fp8-only ] || window480 bf16 8 330
     ;;
   v24a)  # the random 14B layout through `generate --vram 8` (bf16) on a GPU capped at 8 GB, host memory sampled
           # (after colour correction and the uint8 conversion one chunk at a time), then the 480p fp8 window under 6 GB
@@ -320,21 +325,18 @@ case "$what" in
     STEP_TAIL=6 step 260 python3 benchmarks/generate_capped.py --weights /tmp/w14 --vram 8 \
       --image "$INFINITETALK_SHARED/media/portrait.png" --audio "$INFINITETALK_SHARED/media/speaker1.wav" \
       --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4" --memory-trace "$OUT/generate_bf16_vram8_memory.json"
-    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1 --reps 1 \
-      --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
+    window480 fp8 6 190
     ;;
   v24h200)  # v24a only on an H200 (stops at once on any other card, to save device time for a later try)
-    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: stopped"; exit 3; }
+    need_h200
     bash "$0" v24a
     ;;
   v24h200w)  # the 480p fp8 window under 6 GB, only on an H200 (a short device budget)
-    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: stopped"; exit 3; }
-    step 190 python3 benchmarks/bench_offload.py --size 480 --dtype fp8 --budgets 6 --speakers 1 --reps 1 \
-      --no-pageable --no-forward --out "$OUT/offload_480_fp8_6_window.json"
+    need_h200
+    window480 fp8 6 190
     ;;
   v24b)  # the 480p bf16 window under 8 GB
-    step 330 python3 benchmarks/bench_offload.py --size 480 --dtype bf16 --budgets 8 --speakers 1 --reps 1 \
-      --no-pageable --no-forward --out "$OUT/offload_480_bf16_8_window.json"
+    window480 bf16 8 330
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
