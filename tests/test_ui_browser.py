@@ -348,3 +348,17 @@ def test_two_speakers_boxes_by_clicking_the_picture(page):
     assert abs(x0 - 0.05 * width) < 8 and abs(x1 - 0.45 * width) < 8 and abs(y1 - 0.9 * height) < 8
     assert abs(u0 - 0.55 * width) < 8 and abs(u1 - 0.95 * width) < 8 and abs(v0 - 0.1 * height) < 8
     assert page.locator("#it-box-mode input[type=radio]:checked").evaluate("e => e.value") == "Boxes drawn on the picture"
+
+    def redrawn_after(action) -> None:  # the picture is drawn again (a new address) and loads (bounded wait)
+        src = canvas.get_attribute("src")
+        action()
+        deadline = time.monotonic() + 30
+        while canvas.get_attribute("src") == src:
+            assert time.monotonic() < deadline, "the picture was not drawn again"
+            time.sleep(0.1)
+        _settled_box(canvas)
+
+    # clearing and typing redraw the picture too
+    redrawn_after(lambda: page.get_by_role("button", name="Clear the boxes").click())
+    assert page.locator("#it-box1 textarea, #it-box1 input").first.input_value() == ""
+    redrawn_after(lambda: page.locator("#it-box1 textarea, #it-box1 input").first.fill(b1))

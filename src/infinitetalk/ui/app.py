@@ -47,6 +47,7 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
         job_id = gr.State(None)
         history = gr.State([])
         clicks = gr.State(F.BoxClicks())
+        drawn = gr.State(None)  # what the box picture shows now (see redraw)
         gr.Markdown(INTRO + (f"\n\n**Model: {options.model}**" + (" (small random weights: the videos are noise)"
                                                                if options.model == "tiny" else "")))
         with gr.Row():
@@ -177,14 +178,23 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
         preset.change(on_preset, [preset, size], [steps, shift, text_scale, audio_scale, preset_note], queue=False)
         size.change(lambda name, s: F.preset_values(name, s)["shift"], [preset, size], shift, queue=False)
 
-        def redraw(task_value, image_value, video_value, mode, b1, b2, state: F.BoxClicks):
+        def redraw(task_value, image_value, video_value, mode, b1, b2, state: F.BoxClicks, shown):
             is_video = task_value == F.TASK_VIDEO
+            key = (task_value, video_value if is_video else image_value, mode, b1, b2, state.pending)
+            if key == shown:
+                return gr.skip(), shown
             picture = F.first_frame(video_value if is_video else image_value, is_video)
-            return F.draw_boxes(picture, b1, b2, mode == F.BOXES_AUTO, state.pending)
+            return F.draw_boxes(picture, b1, b2, mode == F.BOXES_AUTO, state.pending), key
 
-        canvas_inputs = [task, image, video, box_mode, box1, box2, clicks]
-        for trigger in (image.change, video.change, box_mode.change, box1.change, box2.change, speakers.change):
-            trigger(redraw, canvas_inputs, box_canvas)
+        # One redraw at a time, and none that would draw what is shown: Gradio saves the picture under the hash
+        # of its bytes, rewriting the file each time, so a second redraw of the same picture (a click changes the
+        # boxes and the mode, each a redraw) could truncate the file while the browser reads it: a broken picture
+        # that the second answer, with the same address, never replaces (CI saw it).
+        canvas_inputs = [task, image, video, box_mode, box1, box2, clicks, drawn]
+        canvas_outputs = [box_canvas, drawn]
+        one_redraw = dict(concurrency_id="it-box-canvas", concurrency_limit=1)
+        for trigger in (image.change, video.change, speakers.change, box_mode.change, box1.change, box2.change):
+            trigger(redraw, canvas_inputs, canvas_outputs, **one_redraw)
 
         def on_click(state: F.BoxClicks, b1, b2, mode, evt: gr.SelectData):
             x, y = evt.index[0], evt.index[1]
@@ -192,9 +202,9 @@ def build_app(options: UiOptions, page: Optional[Page] = None) -> tuple[gr.Block
             return state, b1, b2, F.BOXES_DRAWN, state.hint()
 
         box_canvas.select(on_click, [clicks, box1, box2, box_mode], [clicks, box1, box2, box_mode, box_hint]) \
-            .then(redraw, canvas_inputs, box_canvas)
+            .then(redraw, canvas_inputs, canvas_outputs, **one_redraw)
         clear_boxes.click(lambda: (F.BoxClicks(), "", "", F.BoxClicks().hint()), None,
-                          [clicks, box1, box2, box_hint])
+                          [clicks, box1, box2, box_hint]).then(redraw, canvas_inputs, canvas_outputs, **one_redraw)
 
         # ---- jobs ------------------------------------------------------------------------
         job_outputs = [status, progress, preview, result, history_html, history, job_id, interrupted]
