@@ -91,6 +91,10 @@ def test_sampler_sees_a_peak_the_process_no_longer_holds():
 
     if process_memory() is None:
         pytest.skip("no /proc here")
+    import gc
+
+    gc.collect()  # what the earlier tests left is given back first, not while the block is held
+    trim_host_heap()
     before = process_memory().held
     with HostMemorySampler(0.02) as sampler:
         block = torch.ones(256 * MiB, dtype=torch.uint8)  # touched: resident
@@ -100,7 +104,7 @@ def test_sampler_sees_a_peak_the_process_no_longer_holds():
         time.sleep(0.1)
     peaks = sampler.peaks
     assert len(sampler.samples) >= 3
-    assert peaks["held"] - before > 240 * MiB
+    assert peaks["held"] - before > 200 * MiB  # the 256 MiB block, less whatever else the process gave back meanwhile
     assert sampler.samples[-1][1].held < peaks["held"] - 200 * MiB  # sampled after the free
     assert peaks["peak_rss"] >= peaks["rss"] - MiB
 
