@@ -23,6 +23,7 @@
 #   bash benchmarks/run_device.sh v22          # host memory of generate --vram 6 --fp8 and --vram 8 (bf16), sampled
 #   bash benchmarks/run_device.sh v23 [fp8-only]  # offload GPU tests, then the 480p windows: fp8 under 6 GB, bf16 under 8 GB
 #   bash benchmarks/run_device.sh v24a / v24b / v24h200 / v24h200w  # generate --vram 8 (random 14B layout) + the 480p fp8 6 GB window / the bf16 8 GB window
+#   bash benchmarks/run_device.sh v24h200g     # generate --vram 8 on the random 14B layout, H200 only
 #   bash benchmarks/run_device.sh v25          # v24a on an H200, v21 on any other card
 #   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
 #                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
@@ -47,6 +48,12 @@ step() {  # step SECONDS CMD...: run under a time limit, warnings dropped, with 
 window480() {  # window480 DTYPE BUDGET_GB LIMIT_S: one warm 480p --preset fast window under the budget vs resident
   step "$3" python3 benchmarks/bench_offload.py --size 480 --dtype "$1" --budgets "$2" --speakers 1 --reps 1 \
     --no-pageable --no-forward --out "$OUT/offload_480_$1_$2_window.json"
+}
+generate_vram8() {  # the random 14B layout through `generate --vram 8` (bf16), the GPU capped at 8 GB, host memory sampled
+  [ -f /tmp/w14/.complete ] || { step 150 python3 benchmarks/random_layout.py --out /tmp/w14 && touch /tmp/w14/.complete; }
+  STEP_TAIL=6 step 260 python3 benchmarks/generate_capped.py --weights /tmp/w14 --vram 8 \
+    --image "$INFINITETALK_SHARED/media/portrait.png" --audio "$INFINITETALK_SHARED/media/speaker1.wav" \
+    --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4" --memory-trace "$OUT/generate_bf16_vram8_memory.json"
 }
 need_h200() {  # stop at once on any other card, keeping the device time for a later try
   nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: stopped"; exit 3; }
@@ -322,15 +329,16 @@ case "$what" in
     ;;
   v24a)  # the random 14B layout through `generate --vram 8` (bf16) on a GPU capped at 8 GB, host memory sampled
           # (after colour correction and the uint8 conversion one chunk at a time), then the 480p fp8 window under 6 GB
-    [ -f /tmp/w14/.complete ] || { step 150 python3 benchmarks/random_layout.py --out /tmp/w14 && touch /tmp/w14/.complete; }
-    STEP_TAIL=6 step 260 python3 benchmarks/generate_capped.py --weights /tmp/w14 --vram 8 \
-      --image "$INFINITETALK_SHARED/media/portrait.png" --audio "$INFINITETALK_SHARED/media/speaker1.wav" \
-      --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4" --memory-trace "$OUT/generate_bf16_vram8_memory.json"
+    generate_vram8
     window480 fp8 6 190
     ;;
   v24h200)  # v24a only on an H200 (stops at once on any other card, to save device time for a later try)
     need_h200
     bash "$0" v24a
+    ;;
+  v24h200g)  # `generate --vram 8` on the random 14B layout, only on an H200 (v24a without the window: a short device budget)
+    need_h200
+    generate_vram8
     ;;
   v24h200w)  # the 480p fp8 window under 6 GB, only on an H200 (a short device budget)
     need_h200
