@@ -55,8 +55,9 @@ generate_vram8() {  # the random 14B layout through `generate --vram 8` (bf16), 
     --image "$INFINITETALK_SHARED/media/portrait.png" --audio "$INFINITETALK_SHARED/media/speaker1.wav" \
     --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4" --memory-trace "$OUT/generate_bf16_vram8_memory.json"
 }
+is_h200() { nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; }
 need_h200() {  # stop at once on any other card, keeping the device time for a later try
-  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200: stopped"; exit 3; }
+  is_h200 || { echo "not an H200: stopped"; exit 3; }
 }
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
@@ -349,7 +350,7 @@ case "$what" in
     ;;
   v25)  # on an H200: v24a (generate --vram 8 on the random 14B layout, then the 480p fp8 6 GB window);
          # on an H100: the host memory of generate --vram 6 --fp8 after the chunked colour correction (v21)
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then bash "$0" v24a; else bash "$0" v21; fi
+    if is_h200; then bash "$0" v24a; else bash "$0" v21; fi
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac

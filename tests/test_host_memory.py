@@ -5,6 +5,7 @@ block was freed, so glibc serves them from its heap), free some of them in the m
 heap and read the process's anonymous memory before and after."""
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -91,8 +92,6 @@ def test_sampler_sees_a_peak_the_process_no_longer_holds():
 
     if process_memory() is None:
         pytest.skip("no /proc here")
-    import gc
-
     gc.collect()  # what the earlier tests left is given back first, not while the block is held
     trim_host_heap()
     before = process_memory().held

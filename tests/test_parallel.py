@@ -16,6 +16,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -331,10 +335,7 @@ def test_torchrun_style_ranks_under_a_vram_budget(media_dir, tmp_path):
     rank checks the job (takes the output lock) and writes; the other rank, which loads no
     encoders, runs under the same plan. Repeated, since a race between the ranks' checks would
     show only sometimes."""
-    import os
     import socket
-    import subprocess
-    import sys
 
     from test_e2e_tiny import probe_mp4
 
@@ -396,11 +397,6 @@ def test_forked_ranks_never_finalize_the_callers_media_decoders(tmp_path):
     forever for threads the fork lacks; the launcher collects and freezes first. (A CI run once hung in
     this module's first fork with every rank idle at a point where only the garbage collector could wait:
     the object was not found; this is one finalizer of that kind.)"""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     job = subprocess.Popen([sys.executable, "-c", _UNCLOSED_DECODER_THEN_FORK, str(tmp_path / "clip.mp4")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
