@@ -26,6 +26,7 @@
 #   bash benchmarks/run_device.sh v24h200g     # generate --vram 8 on the random 14B layout, H200 only
 #   bash benchmarks/run_device.sh v25          # v24a on an H200, v21 on any other card
 #   bash benchmarks/run_device.sh v26          # v24a on an H200, `v23 fp8-only` on any other card
+#   bash benchmarks/run_device.sh v27          # v24h200g on an H200, the offload GPU tests on any other card
 #   bash benchmarks/run_device.sh v18a / v18b / v18c / v18d  # 720p fp8 12 GB / bf16 16 GB windows; 480p bf16
 #                                                  # forward sweep; generate --vram 6 --fp8 on the random 14B layout
 # fp8 attention needs the cuDNN frontend: put its wheel in .whl/ (carried) and it is installed to /tmp/site.
@@ -356,6 +357,11 @@ case "$what" in
   v26)  # on an H200: v24a (generate --vram 8 on the random 14B layout, then the 480p fp8 6 GB window);
          # on any other card: the offload GPU tests at this commit, then the 480p fp8 6 GB window
     if is_h200; then bash "$0" v24a; else bash "$0" v23 fp8-only; fi
+    ;;
+  v27)  # a short device budget: on an H200 `generate --vram 8` on the random 14B layout (v24h200g);
+         # on any other card the offload GPU tests at this commit
+    if is_h200; then bash "$0" v24h200g; else
+      STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8; fi
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
