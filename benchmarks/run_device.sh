@@ -57,6 +57,9 @@ generate_vram8() {  # the random 14B layout through `generate --vram 8` (bf16), 
     --image "$INFINITETALK_SHARED/media/portrait.png" --audio "$INFINITETALK_SHARED/media/speaker1.wav" \
     --preset fast --max-seconds 3 --output "$OUT/random14b_vram8.mp4" --memory-trace "$OUT/generate_bf16_vram8_memory.json"
 }
+offload_gpu_tests() {  # the GPU tests of the VRAM-budget offloading, the slowest eight listed
+  STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8
+}
 is_h200() { nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; }
 need_h200() {  # stop at once on any other card, keeping the device time for a later try
   is_h200 || { echo "not an H200: stopped"; exit 3; }
@@ -305,7 +308,7 @@ case "$what" in
       --audio "$INFINITETALK_SHARED/media/speaker1.wav" --preset fast --max-seconds 3 --output "$OUT/random14b_vram6_fp8.mp4"
     ;;
   v20)  # the offload GPU tests (with the release of freed pinned arenas), then v18d
-    STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8
+    offload_gpu_tests
     bash "$0" v18d
     ;;
   v21)  # generate --vram 6 --fp8 on the random 14B layout, host memory sampled (after the heap trim and placer arenas)
@@ -326,7 +329,7 @@ case "$what" in
     done
     ;;
   v23)  # the offload GPU tests, then the 480p windows at the current commit: fp8 under 6 GB, bf16 under 8 GB
-    STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8
+    offload_gpu_tests
     window480 fp8 6 190
     [ "${2:-}" = fp8-only ] || window480 bf16 8 330
     ;;
@@ -360,8 +363,7 @@ case "$what" in
     ;;
   v27)  # a short device budget: on an H200 `generate --vram 8` on the random 14B layout (v24h200g);
          # on any other card the offload GPU tests at this commit
-    if is_h200; then bash "$0" v24h200g; else
-      STEP_TAIL=20 step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_offload_gpu.py --durations=8; fi
+    if is_h200; then bash "$0" v24h200g; else offload_gpu_tests; fi
     ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
